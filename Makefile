@@ -1,0 +1,71 @@
+# Smart energy platform: every task a user runs. `make help` lists them.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTOS := $(wildcard common/energy/v1/*.proto)
+COMPOSE := docker compose -f deployments/docker-compose.yml
+# grpcurl and ferretdb are built by scripts/services.sh into Go's bin folder.
+export PATH := $(VENV)/bin:$(shell go env GOPATH 2>/dev/null || echo $(HOME)/go)/bin:$(PATH)
+
+# make simulate DEVICES=100 RATE=500 DURATION=30
+DEVICES ?= 50
+RATE ?= 200
+DURATION ?= 30
+TARGET ?= 127.0.0.1:50051
+
+.PHONY: help install proto services dev simulate test test-unit lint fmt up down compose-check clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install the project with its dev tools
+
+proto: install ## Generate the Python stubs from common/energy/v1/*.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+services: ## Install (when missing) and start RabbitMQ, Redis, FerretDB, grpcurl locally
+	bash scripts/services.sh
+
+dev: proto services ## Run the four services as local processes (Ctrl-C stops them)
+	honcho -f deployments/Procfile.dev -d . start
+
+simulate: install ## Virtual loggers against the gateway: DEVICES, RATE (readings/s), DURATION (s)
+	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET)
+
+test: proto services ## Everything: unit, component (real servers), end to end, compose checks
+	$(PY) -m pytest
+
+test-unit: proto ## Only the tests that need no server
+	$(PY) -m pytest tests/unit
+
+lint: install ## ruff check and format check
+	ruff check .
+	ruff format --check .
+
+fmt: install ## Format and fix what ruff can
+	ruff format .
+	ruff check --fix .
+
+compose-check: install ## Validate deployments/docker-compose.yml against the compose specification
+	check-jsonschema --builtin-schema vendor.compose-spec deployments/docker-compose.yml
+
+up: ## The whole stack in docker compose (needs Docker)
+	$(COMPOSE) up -d --build --wait
+	@echo "gateway grpc://localhost:50051  RabbitMQ UI http://localhost:15672 (guest/guest)  analytics http://localhost:9100/metrics"
+
+down: ## Stop the compose stack and delete its volumes
+	$(COMPOSE) down -v
+
+clean: ## Remove the virtual environment, generated stubs and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -f common/energy/v1/*_pb2*.py common/energy/v1/*_pb2*.pyi
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""The business view of readings as Prometheus metrics on :9100."""

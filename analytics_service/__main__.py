@@ -1,0 +1,18 @@
+"""python -m analytics_service"""
+
+import asyncio
+
+from common.logging import configure_logging
+from common.settings import load_settings
+from analytics_service import app
+from analytics_service.settings import AnalyticsSettings
+
+
+def main() -> None:
+    settings = load_settings(AnalyticsSettings)
+    configure_logging("analytics_service", settings.log_level)
+    asyncio.run(app.run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Analytics domain: pure, no I/O."""

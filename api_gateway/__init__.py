@@ -1,0 +1,1 @@
+"""The public gRPC entry point for loggers: validates and forwards readings."""

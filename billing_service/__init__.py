@@ -1,0 +1,1 @@
+"""Consumes readings into MongoDB (source of truth) and Redis (cache), exactly once."""

@@ -1,0 +1,18 @@
+"""python -m billing_service"""
+
+import asyncio
+
+from common.logging import configure_logging
+from common.settings import load_settings
+from billing_service import app
+from billing_service.settings import BillingSettings
+
+
+def main() -> None:
+    settings = load_settings(BillingSettings)
+    configure_logging("billing_service", settings.log_level)
+    asyncio.run(app.run(settings))
+
+
+if __name__ == "__main__":
+    main()

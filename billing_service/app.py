@@ -1,0 +1,81 @@
+"""Composition root of billing_service: MongoDB, Redis, the consumer, gRPC health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from billing_service.adapters.mongo import MongoLedger
+from billing_service.adapters.redis import RedisCache
+from billing_service.consumer import BillingHandler
+from billing_service.domain.ledger import TransientFailure
+from billing_service.settings import BillingSettings
+from common.consumer import ReadingConsumer
+from common.grpc_server import GrpcServer, wait_for_termination_signal
+from common.metrics import serve_metrics
+from common.rabbit import Topology
+
+log = logging.getLogger(__name__)
+
+
+class BillingApp:
+    """Wires the ledger and cache into the handler and the handler into the consumer."""
+
+    def __init__(self, settings: BillingSettings) -> None:
+        self.settings = settings
+        topology = Topology(settings.topology_prefix)
+        self.ledger = MongoLedger(
+            settings.mongodb_url, settings.mongodb_database, settings.mongodb_timeout_s
+        )
+        self.cache = RedisCache(
+            settings.redis_url, settings.redis_key_prefix, settings.redis_timeout_s
+        )
+        self.handler = BillingHandler(
+            self.ledger, self.cache, settings.retry_max_delay_s, settings.cache_retry_s
+        )
+        self.consumer = ReadingConsumer(
+            "billing",
+            settings.rabbitmq_url,
+            topology,
+            topology.billing_queue,
+            self.handler,
+            settings.prefetch,
+            settings.limits,
+        )
+        self.grpc = GrpcServer([])  # the query service joins here with the read API
+        self._refresher: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientFailure),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            before_sleep=lambda state: log.warning("MongoDB not reachable, retrying"),
+        ):
+            with attempt:
+                await self.ledger.ensure_indexes()
+        await self.consumer.start()
+        self._refresher = asyncio.create_task(self.handler.refresh_stale())
+        self.port = await self.grpc.start(self.settings.host, self.settings.port)
+        log.info("billing consuming", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+        await self.consumer.stop(self.settings.shutdown_grace_s)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.cache.close()
+        self.ledger.close()
+
+
+async def run(settings: BillingSettings) -> None:
+    serve_metrics(settings.host, settings.metrics_port)
+    app = BillingApp(settings)
+    await app.start()
+    await wait_for_termination_signal()
+    await app.stop()

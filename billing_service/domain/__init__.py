@@ -1,0 +1,1 @@
+"""Billing domain: pure, no I/O."""

@@ -1,0 +1,34 @@
+"""Settings of billing_service, from BILLING_* and the shared variables."""
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import BrokerSettings, Port
+
+
+class BillingSettings(BrokerSettings):
+    """Consumes billing.readings; gRPC (health; queries later) on :50053, /metrics on :9103."""
+
+    model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: Port = 50053
+    metrics_port: Port = 9103
+    mongodb_url: str = Field(
+        "mongodb://127.0.0.1:27017/", pattern="^mongodb(\\+srv)?://", validation_alias="MONGODB_URL"
+    )
+    mongodb_database: str = Field(
+        "energy", pattern="^[A-Za-z0-9_-]{1,63}$", validation_alias="MONGODB_DATABASE"
+    )
+    mongodb_timeout_s: float = Field(5.0, gt=0, description="server selection and socket timeout")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", pattern="^rediss?://", validation_alias="REDIS_URL"
+    )
+    redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
+    redis_timeout_s: float = Field(2.0, gt=0)
+    prefetch: int = Field(64, ge=1, le=10_000, description="unacked deliveries in flight")
+    retry_max_delay_s: float = Field(30.0, gt=0, description="cap of the backoff on MongoDB errors")
+    cache_retry_s: float = Field(
+        5.0, ge=0, description="retry a Redis update this long before deferring it"
+    )
+    shutdown_grace_s: float = Field(10.0, ge=0)

@@ -1,0 +1,121 @@
+"""The Reading model and its validation, shared by the gateway, ingestion and billing.
+
+Pure domain code: no I/O. Every rejection is an ``InvalidReading`` naming the field and
+saying what a person must change.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ : - starting with a letter or digit"
+# Namespace for reading ids derived from device_id + timestamp (uuid5): fixed forever,
+# or resent readings would stop deduplicating.
+READING_ID_NAMESPACE = uuid.UUID("6f1c1a52-8d0e-4c47-9a53-3f0c2b7d9e41")
+MILLIWH_PER_KWH = 1_000_000
+
+
+class InvalidReading(ValueError):
+    """A reading that must be rejected; ``field`` names the offending field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a reading may say. Defaults suit meters from households to large sites."""
+
+    max_usage_kwh: float = 1_000_000.0
+    max_future_skew: timedelta = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A validated reading: ``usage_kwh`` used in the interval that ends at ``timestamp``."""
+
+    device_id: str
+    timestamp: datetime
+    usage_kwh: float
+    reading_id: str = field(default="")
+
+    @property
+    def usage_milliwh(self) -> int:
+        """Energy as integer milliwatt-hours, so that totals add up exactly in any order."""
+        return round(self.usage_kwh * MILLIWH_PER_KWH)
+
+
+def derive_reading_id(device_id: str, timestamp: datetime) -> str:
+    """The deterministic idempotency key of a reading that came without one."""
+    instant = timestamp.astimezone(UTC).isoformat(timespec="microseconds")
+    return str(uuid.uuid5(READING_ID_NAMESPACE, f"{device_id}|{instant}"))
+
+
+def validate_reading(
+    device_id: str,
+    timestamp: datetime | None,
+    usage_kwh: float,
+    reading_id: str = "",
+    *,
+    now: datetime,
+    limits: Limits = Limits(),
+) -> Reading:
+    """Check every field and return a Reading with its reading_id set, or raise InvalidReading."""
+    if not device_id:
+        raise InvalidReading("device_id", f"is empty; give the logger's id ({ID_RULE})")
+    if not ID_PATTERN.fullmatch(device_id):
+        raise InvalidReading("device_id", f"{_show(device_id)} is not valid; use {ID_RULE}")
+    if reading_id and not ID_PATTERN.fullmatch(reading_id):
+        raise InvalidReading(
+            "reading_id",
+            f"{_show(reading_id)} is not valid; use {ID_RULE}, or leave it empty to derive it",
+        )
+    if timestamp is None:
+        raise InvalidReading("timestamp", "is missing; set the end of the metering interval (UTC)")
+    if timestamp.tzinfo is None:
+        raise InvalidReading("timestamp", "has no time zone; send it in UTC")
+    if timestamp < EARLIEST_TIMESTAMP:
+        raise InvalidReading(
+            "timestamp", f"{timestamp.isoformat()} is before 2000-01-01; check the logger's clock"
+        )
+    latest = now + limits.max_future_skew
+    if timestamp > latest:
+        raise InvalidReading(
+            "timestamp",
+            f"{timestamp.isoformat()} is more than {limits.max_future_skew} ahead of the "
+            f"server clock ({now.isoformat(timespec='seconds')}); check the logger's clock",
+        )
+    if not math.isfinite(usage_kwh):
+        raise InvalidReading("usage_kwh", f"is {usage_kwh}; send a finite number of kWh")
+    if usage_kwh < 0:
+        raise InvalidReading(
+            "usage_kwh", f"is {usage_kwh}; energy used in an interval cannot be negative"
+        )
+    if usage_kwh > limits.max_usage_kwh:
+        raise InvalidReading(
+            "usage_kwh",
+            f"is {usage_kwh:g} kWh, above the limit of {limits.max_usage_kwh:g} kWh for one "
+            "reading; check the unit (kWh, not Wh)",
+        )
+    timestamp = timestamp.astimezone(UTC)
+    return Reading(
+        device_id=device_id,
+        timestamp=timestamp,
+        usage_kwh=float(usage_kwh),
+        reading_id=reading_id or derive_reading_id(device_id, timestamp),
+    )
+
+
+def _show(value: str, limit: int = 40) -> str:
+    """Quote a user-supplied value for an error message without echoing megabytes of it."""
+    if len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)

@@ -1,0 +1,108 @@
+"""The broker topology, declared the same way by the publisher and every consumer.
+
+Declaring is idempotent, so whichever service starts first creates it. Queues are quorum
+queues (replicated, durable) with at-least-once dead-lettering: a message a consumer
+rejects, or that is redelivered more than ``DELIVERY_LIMIT`` times, moves to the
+dead-letter queue instead of looping or vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+log = logging.getLogger(__name__)
+
+DELIVERY_LIMIT = 20
+ROUTING_KEY = "reading.v1"
+REASON_HEADER = "x-rejection-reason"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Exchange and queue names; ``prefix`` isolates tests that share one broker."""
+
+    prefix: str = ""
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.prefix}energy.readings"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}energy.dead-letter"
+
+    @property
+    def billing_queue(self) -> str:
+        return f"{self.prefix}billing.readings"
+
+    @property
+    def analytics_queue(self) -> str:
+        return f"{self.prefix}analytics.readings"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}energy.dead-letter"
+
+
+@dataclass(frozen=True)
+class DeclaredTopology:
+    exchange: AbstractExchange
+    dead_letter_exchange: AbstractExchange
+    queues: dict[str, AbstractQueue]
+
+
+async def declare_topology(channel: AbstractChannel, topology: Topology) -> DeclaredTopology:
+    """Declare exchanges, queues and bindings; safe to call from every service at start."""
+    exchange = await channel.declare_exchange(
+        topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead_letter_exchange = await channel.declare_exchange(
+        topology.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead_letter_queue = await channel.declare_queue(
+        topology.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_letter_queue.bind(dead_letter_exchange, routing_key="#")
+    queues = {topology.dead_letter_queue: dead_letter_queue}
+    for name in (topology.billing_queue, topology.analytics_queue):
+        queue = await channel.declare_queue(
+            name,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": topology.dead_letter_exchange,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        await queue.bind(exchange, routing_key="reading.#")
+        queues[name] = queue
+    return DeclaredTopology(exchange, dead_letter_exchange, queues)
+
+
+async def connect(url: str) -> AbstractRobustConnection:
+    """A robust connection (it reconnects by itself), retried with backoff until the broker answers."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((OSError, AMQPError, asyncio.TimeoutError)),
+        wait=wait_exponential(multiplier=0.5, max=10),
+        before_sleep=lambda state: log.warning(
+            "RabbitMQ not reachable, retrying",
+            extra={"attempt": state.attempt_number, "error": repr(state.outcome.exception())},
+        ),
+    ):
+        with attempt:
+            return await aio_pika.connect_robust(url, timeout=5)
+    raise AssertionError("unreachable: AsyncRetrying retries forever")

@@ -1,0 +1,1 @@
+"""Publishes validated readings to RabbitMQ with publisher confirms."""

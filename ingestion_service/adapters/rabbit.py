@@ -1,0 +1,122 @@
+"""Publishing readings to RabbitMQ: persistent JSON, pipelined publisher confirms."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from prometheus_client import Counter, Histogram
+
+from common.messages import CONTENT_TYPE, SCHEMA_VERSION, encode_reading
+from common.metrics import LATENCY_BUCKETS_S
+from common.models import Reading
+from common.rabbit import ROUTING_KEY, Topology, connect, declare_topology
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("ingestion_published_total", "Readings confirmed by RabbitMQ.")
+PUBLISH_FAILURES = Counter(
+    "ingestion_publish_failures_total", "Publish calls that failed, by reason.", ["reason"]
+)
+CONFIRM_LATENCY = Histogram(
+    "ingestion_confirm_seconds",
+    "Time from publishing a batch to the broker's last confirm.",
+    buckets=LATENCY_BUCKETS_S,
+)
+BATCH_SIZE = Histogram(
+    "ingestion_publish_batch_size", "Readings per publish call.",
+    buckets=(1, 2, 5, 10, 50, 100, 250, 500, 1000, 5000),
+)
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ cannot be reached or lost the connection; the caller may resend."""
+
+
+class BrokerRefused(Exception):
+    """RabbitMQ refused a message (queue full, or no queue bound); nothing was accepted."""
+
+
+class ConfirmTimeout(Exception):
+    """RabbitMQ did not confirm in time; the readings may or may not be stored."""
+
+
+class RabbitPublisher:
+    """Owns one robust connection and a confirming channel; reconnects by itself."""
+
+    def __init__(self, url: str, topology: Topology, confirm_timeout_s: float) -> None:
+        self._url = url
+        self._topology = topology
+        self._confirm_timeout_s = confirm_timeout_s
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractExchange | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect in the background, so the service serves (UNAVAILABLE) while the broker is down."""
+        self._connecting = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        connection = await connect(self._url)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        declared = await declare_topology(channel, self._topology)
+        self._connection, self._exchange = connection, declared.exchange
+        log.info("connected to RabbitMQ", extra={"exchange": self._topology.exchange})
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connection.connected.is_set()
+
+    async def publish(self, readings: list[Reading]) -> None:
+        """Publish all readings, confirms pipelined; return only when every one is confirmed."""
+        if not self.connected or self._exchange is None:
+            PUBLISH_FAILURES.labels("not_connected").inc()
+            raise BrokerUnavailable("RabbitMQ is not reachable; retry shortly")
+        exchange = self._exchange
+        messages = [_message(reading) for reading in readings]
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._confirm_timeout_s):
+                await asyncio.gather(
+                    *(exchange.publish(m, ROUTING_KEY, mandatory=True) for m in messages)
+                )
+        except TimeoutError:
+            PUBLISH_FAILURES.labels("confirm_timeout").inc()
+            if not self.connected:
+                raise BrokerUnavailable("lost the connection to RabbitMQ; resend") from None
+            raise ConfirmTimeout(
+                f"RabbitMQ did not confirm within {self._confirm_timeout_s} s; resend"
+            ) from None
+        except PublishError as error:  # returned: no queue bound to the routing key
+            PUBLISH_FAILURES.labels("unroutable").inc()
+            raise BrokerRefused(f"no queue is bound for the readings: {error}") from None
+        except DeliveryError as error:  # nacked: queue full or broker alarm
+            PUBLISH_FAILURES.labels("nacked").inc()
+            raise BrokerRefused(f"RabbitMQ refused the readings: {error}") from None
+        except (AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as error:
+            PUBLISH_FAILURES.labels("connection").inc()
+            raise BrokerUnavailable(f"RabbitMQ connection failed: {error!r}; resend") from None
+        CONFIRM_LATENCY.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(readings))
+        PUBLISHED.inc(len(readings))
+
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def _message(reading: Reading) -> aio_pika.Message:
+    return aio_pika.Message(
+        encode_reading(reading),
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=reading.reading_id,
+        headers={"schema-version": SCHEMA_VERSION},
+    )

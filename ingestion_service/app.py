@@ -1,0 +1,48 @@
+"""Composition root of ingestion_service: publisher, gRPC server, metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
+from common.grpc_server import GrpcServer, wait_for_termination_signal
+from common.metrics import serve_metrics
+from common.rabbit import Topology
+from ingestion_service.adapters.rabbit import RabbitPublisher
+from ingestion_service.api import IngestionServicer
+from ingestion_service.settings import IngestionSettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = ingestion_pb2.DESCRIPTOR.services_by_name["Ingestion"].full_name
+
+
+class IngestionApp:
+    """Wires the publisher into the servicer; ``start`` and ``stop`` for tests and main."""
+
+    def __init__(self, settings: IngestionSettings) -> None:
+        self.settings = settings
+        self.publisher = RabbitPublisher(
+            settings.rabbitmq_url, Topology(settings.topology_prefix), settings.confirm_timeout_s
+        )
+        self.grpc = GrpcServer([SERVICE_NAME])
+        ingestion_pb2_grpc.add_IngestionServicer_to_server(
+            IngestionServicer(self.publisher, settings.limits), self.grpc.server
+        )
+        self.port = 0
+
+    async def start(self) -> None:
+        await self.publisher.start()
+        self.port = await self.grpc.start(self.settings.host, self.settings.port)
+        log.info("ingestion listening", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+        await self.publisher.close()
+
+
+async def run(settings: IngestionSettings) -> None:
+    serve_metrics(settings.host, settings.metrics_port)
+    app = IngestionApp(settings)
+    await app.start()
+    await wait_for_termination_signal()
+    await app.stop()

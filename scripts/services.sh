@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Install (when missing) and start on localhost what development and tests need,
+# on a Debian machine without Docker: RabbitMQ (management + prometheus plugins),
+# Redis, FerretDB 1.24 (SQLite backend, MongoDB wire protocol) and grpcurl.
+# Idempotent: a server that already answers is left alone, so a second run is fast.
+set -euo pipefail
+
+STATE_DIR=${ENERGY_STATE_DIR:-$HOME/.local/state/energy-platform}
+GOBIN=${GOBIN:-$(go env GOPATH 2>/dev/null || echo "$HOME/go")/bin}
+FERRETDB_VERSION=v1.24.2
+GRPCURL_VERSION=v1.9.3
+RABBITMQ_PORT=5672
+REDIS_PORT=${ENERGY_REDIS_PORT:-6379}
+FERRETDB_PORT=${ENERGY_FERRETDB_PORT:-27017}
+mkdir -p "$STATE_DIR"
+
+log() { printf '[services] %s\n' "$*"; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {  # wait_port PORT NAME SECONDS
+  for _ in $(seq 1 "$3"); do port_open "$1" && return 0; sleep 1; done
+  log "ERROR: $2 did not open port $1 within $3 s (logs in $STATE_DIR)"; return 1
+}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_packages=()
+command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_packages+=(rabbitmq-server)
+command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  log "installing ${apt_packages[*]} from Debian"
+  as_root apt-get update -qq
+  # No init system runs here: keep the packages' postinst from starting daemons.
+  as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+    apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+export PATH="$GOBIN:$PATH:/usr/sbin"
+# `go install mod@version` asks the proxy for the module's version list (deprecation
+# check), which the registry mirror here refuses; building the downloaded module
+# needs only exact-version requests.
+go_build_tool() {  # go_build_tool MODULE VERSION PACKAGE BINARY
+  local dir src
+  dir=$(go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  src=$(mktemp -d)
+  cp -r "$dir/." "$src" && chmod -R u+w "$src"
+  # FerretDB embeds build/version/version.txt, which its release tooling writes.
+  [ -d "$src/build/version" ] && echo "$2" >"$src/build/version/version.txt"
+  (cd "$src" && go build -o "$GOBIN/$4" "./$3")
+  rm -rf "$src"
+}
+if ! command -v ferretdb >/dev/null 2>&1; then
+  log "building ferretdb $FERRETDB_VERSION (takes a few minutes, once)"
+  go_build_tool github.com/FerretDB/FerretDB "$FERRETDB_VERSION" cmd/ferretdb ferretdb
+fi
+if ! command -v grpcurl >/dev/null 2>&1; then
+  log "building grpcurl $GRPCURL_VERSION"
+  go_build_tool github.com/fullstorydev/grpcurl "$GRPCURL_VERSION" cmd/grpcurl grpcurl
+fi
+
+if ! port_open "$RABBITMQ_PORT"; then
+  log "starting rabbitmq-server"
+  rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_prometheus >/dev/null
+  rabbitmq-server -detached
+  # await_startup fails at once until the node has registered with epmd: retry it.
+  for _ in $(seq 1 60); do
+    rabbitmqctl await_startup --timeout 120 >/dev/null 2>&1 && break
+    sleep 2
+  done
+  wait_port "$RABBITMQ_PORT" rabbitmq 10
+fi
+
+if ! port_open "$REDIS_PORT"; then
+  log "starting redis-server on $REDIS_PORT"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
+    --appendonly no --logfile "$STATE_DIR/redis.log"
+  wait_port "$REDIS_PORT" redis 30
+fi
+
+if ! port_open "$FERRETDB_PORT"; then
+  log "starting ferretdb on $FERRETDB_PORT (sqlite in $STATE_DIR/ferretdb)"
+  mkdir -p "$STATE_DIR/ferretdb"
+  nohup ferretdb --handler=sqlite --sqlite-url="file:$STATE_DIR/ferretdb/" \
+    --listen-addr="127.0.0.1:$FERRETDB_PORT" --debug-addr=- --telemetry=disable \
+    --log-level=warn >"$STATE_DIR/ferretdb.log" 2>&1 &
+  wait_port "$FERRETDB_PORT" ferretdb 60
+fi
+
+cat <<INFO
+[services] ready:
+  RabbitMQ AMQP      amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
+  RabbitMQ UI        http://127.0.0.1:15672/  (guest / guest)
+  RabbitMQ metrics   http://127.0.0.1:15692/metrics
+  Redis              redis://127.0.0.1:$REDIS_PORT/0
+  FerretDB (MongoDB) mongodb://127.0.0.1:$FERRETDB_PORT/
+  grpcurl            $(command -v grpcurl)
+INFO
