@@ -27,7 +27,7 @@ class BillingApp:
     def __init__(self, settings: BillingSettings) -> None:
         self.settings = settings
         topology = Topology(settings.topology_prefix)
-        self.ledger = MongoLedger(
+        self.ledger = MongoLedger.connect(
             settings.mongodb_url, settings.mongodb_database, settings.mongodb_timeout_s
         )
         self.cache = RedisCache(

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from prometheus_client import Counter, Gauge
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from billing_service.domain.ledger import Cache, DayKey, DayTotal, Ledger, TransientFailure
 from common.models import Reading
@@ -41,7 +41,7 @@ class BillingHandler:
         recorded = None
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientFailure),
-            wait=wait_exponential_jitter(initial=0.2, max=self._retry_max_delay_s),
+            wait=wait_random_exponential(multiplier=0.2, max=self._retry_max_delay_s),
             before_sleep=_log_retry(reading),
         ):
             with attempt:
@@ -56,7 +56,7 @@ class BillingHandler:
             async with asyncio.timeout(self._cache_retry_s):
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception_type(TransientFailure),
-                    wait=wait_exponential_jitter(initial=0.1, max=1.0),
+                    wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 ):
                     with attempt:
                         await self._cache.put_day_total(key, total)

@@ -99,7 +99,10 @@ class ReadingConsumer:
             except Exception:  # the channel may already be gone; closing below is enough
                 log.warning("could not cancel consumer", exc_info=True)
         if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=grace_s)
+            _, unfinished = await asyncio.wait(self._in_flight, timeout=grace_s)
+            for task in unfinished:  # unacked: the broker redelivers them
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
 

@@ -90,7 +90,8 @@ def validate_reading(
     if timestamp > latest:
         raise InvalidReading(
             "timestamp",
-            f"{timestamp.isoformat()} is more than {limits.max_future_skew} ahead of the "
+            f"{timestamp.isoformat()} is more than {limits.max_future_skew.total_seconds():g} s "
+            "ahead of the "
             f"server clock ({now.isoformat(timespec='seconds')}); check the logger's clock",
         )
     if not math.isfinite(usage_kwh):

@@ -24,7 +24,7 @@ T = TypeVar("T", bound=BaseSettings)
 class ServiceSettings(BaseSettings):
     """What every service reads: logging and the shared reading limits."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias="LOG_LEVEL"

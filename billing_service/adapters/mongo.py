@@ -3,13 +3,19 @@
 Idempotency without transactions (FerretDB and standalone MongoDB have none):
 1. ``readings``: one document per reading, ``_id`` = reading_id; a repeat is a duplicate key.
 2. ``device_days``: one bucket per device and UTC day with the ids it holds; a reading is
-   added by one conditional upsert (``reading_ids: {$ne: id}``), which fails with a
-   duplicate key when the bucket already holds it, so no total is counted twice.
+   added by one conditional update (``reading_ids: {$ne: id}``), so no total is counted
+   twice; the upsert that creates a bucket is told apart from a redelivery on conflict.
 Each write is idempotent on its own, so a crash between them is healed by the redelivery.
+
+Writes to one bucket are serialised inside the process. MongoDB applies a single-document
+update atomically, but FerretDB 1.24 (SQLite), the test server, does not: 50 concurrent
+``$inc`` on one document left 11. Several billing replicas therefore need real MongoDB.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from datetime import UTC
 
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
@@ -40,18 +46,26 @@ TRANSIENT_ERRORS = (
 class MongoLedger:
     """Readings and per-device daily buckets in MongoDB."""
 
-    def __init__(self, url: str, database: str, timeout_s: float) -> None:
+    def __init__(self, database: AsyncIOMotorDatabase) -> None:
+        self.database = database
+        self._bucket_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self.readings = database["readings"]
+        self.device_days = database["device_days"]
+
+    @classmethod
+    def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
+        """A ledger on its own client, with ``timeout_s`` on selection, connect and socket."""
         timeout_ms = int(timeout_s * 1000)
-        self._client: AsyncIOMotorClient = AsyncIOMotorClient(
+        client: AsyncIOMotorClient = AsyncIOMotorClient(
             url,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=timeout_ms,
             tz_aware=True,
         )
-        self._db: AsyncIOMotorDatabase = self._client[database]
-        self.readings = self._db["readings"]
-        self.device_days = self._db["device_days"]
+        return cls(client[database])
 
     async def ensure_indexes(self) -> None:
         try:
@@ -62,7 +76,6 @@ class MongoLedger:
 
     async def record(self, reading: Reading) -> Recorded:
         key = DayKey.of(reading)
-        duplicate = False
         try:
             try:
                 await self.readings.insert_one(
@@ -76,25 +89,34 @@ class MongoLedger:
                 )
             except DuplicateKeyError:
                 pass  # stored by an earlier delivery
-            try:
-                await self.device_days.update_one(
-                    {"_id": key.bucket_id, "reading_ids": {"$ne": reading.reading_id}},
-                    {
-                        "$push": {"reading_ids": reading.reading_id},
-                        "$inc": {"count": 1, "usage_milliwh": reading.usage_milliwh},
-                        "$setOnInsert": {
-                            "device_id": key.device_id,
-                            "day": key.day,
-                            "month": key.month,
-                        },
-                    },
-                    upsert=True,
-                )
-            except DuplicateKeyError:
-                duplicate = True  # the bucket already holds it: counted by an earlier delivery
-            return Recorded(await self.day_total(key), duplicate)
+            lock = self._bucket_locks.setdefault(key.bucket_id, asyncio.Lock())
+            async with lock:
+                duplicate = not await self._add_to_bucket(key, reading)
+                return Recorded(await self.day_total(key), duplicate)
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
+
+    async def _add_to_bucket(self, key: DayKey, reading: Reading) -> bool:
+        """Add the reading to its bucket unless it holds it already; True if it was added."""
+        holds_not = {"_id": key.bucket_id, "reading_ids": {"$ne": reading.reading_id}}
+        add = {
+            "$push": {"reading_ids": reading.reading_id},
+            "$inc": {"count": 1, "usage_milliwh": reading.usage_milliwh},
+        }
+        try:
+            await self.device_days.update_one(
+                holds_not,
+                {**add, "$setOnInsert": {"device_id": key.device_id, "day": key.day,
+                                         "month": key.month}},
+                upsert=True,
+            )
+            return True
+        except DuplicateKeyError:
+            # The bucket exists: either it holds the reading (a redelivery), or a concurrent
+            # first reading created it between our match and insert. Now that it exists, a
+            # plain conditional update tells the two apart.
+            result = await self.device_days.update_one(holds_not, add)
+            return result.modified_count == 1
 
     async def day_total(self, key: DayKey) -> DayTotal:
         document = await self.device_days.find_one(
@@ -106,14 +128,15 @@ class MongoLedger:
 
     async def month_total(self, device_id: str, month: str) -> DayTotal:
         """Sum of the device's buckets in a month (YYYY-MM, UTC)."""
-        pipeline = [
-            {"$match": {"device_id": device_id, "month": month}},
-            {"$group": {"_id": None, "count": {"$sum": "$count"},
-                        "usage_milliwh": {"$sum": "$usage_milliwh"}}},
-        ]
-        async for row in self.device_days.aggregate(pipeline):
-            return DayTotal(count=row["count"], usage_milliwh=row["usage_milliwh"])
-        return DayTotal()
+        # At most 31 buckets: summed here rather than by $group, whose $sum FerretDB 1.24
+        # answers with 0 for these integer fields.
+        count = milliwh = 0
+        async for bucket in self.device_days.find(
+            {"device_id": device_id, "month": month}, projection={"count": 1, "usage_milliwh": 1}
+        ):
+            count += bucket["count"]
+            milliwh += bucket["usage_milliwh"]
+        return DayTotal(count=count, usage_milliwh=milliwh)
 
     async def latest(self, device_id: str) -> Reading | None:
         document = await self.readings.find_one(
@@ -121,12 +144,14 @@ class MongoLedger:
         )
         if document is None:
             return None
+        timestamp = document["timestamp"]
         return Reading(
             device_id=document["device_id"],
-            timestamp=document["timestamp"].astimezone(UTC),
+            # motor is tz_aware; mongomock hands back naive UTC datetimes
+            timestamp=timestamp.replace(tzinfo=UTC) if timestamp.tzinfo is None else timestamp,
             usage_kwh=document["usage_kwh"],
             reading_id=document["_id"],
         )
 
     def close(self) -> None:
-        self._client.close()
+        self.database.client.close()

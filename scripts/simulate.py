@@ -1,0 +1,225 @@
+"""A fleet of virtual loggers sending readings to the gateway at a steady rate.
+
+    python -m scripts.simulate --devices 50 --rate 200 --duration 30 --target 127.0.0.1:50051
+
+Readings lie in the past on a grid of --interval-s seconds and carry no reading_id, so the
+gateway derives it: a rerun within the same window resends the same readings, billed once.
+"""
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What to simulate; the CLI options map one to one onto these fields."""
+
+    devices: int = 50
+    rate: float = 200.0
+    duration_s: float = 30.0
+    target: str = "127.0.0.1:50051"
+    batch: int = 0
+    interval_s: int = 60
+    seed: int | None = None
+    concurrency: int = 64
+    timeout_s: float = 10.0
+    device_prefix: str = "sim"
+    show_progress: bool = True
+
+    @property
+    def per_device(self) -> int:
+        """Readings each device sends: rate x duration spread evenly over the fleet."""
+        return max(1, round(self.rate * self.duration_s / self.devices))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0-100) of ``values``; 0.0 when there are none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+@dataclass
+class FleetSummary:
+    """What a run sent and what came back; counts are in readings, latencies per RPC."""
+
+    planned: int = 0
+    sent: int = 0
+    accepted: int = 0
+    failed_by_code: dict[str, int] = field(default_factory=dict)
+    first_error: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        """Readings not accepted, whatever the reason."""
+        return sum(self.failed_by_code.values())
+
+    @property
+    def ok(self) -> bool:
+        """True when every planned reading was sent and accepted."""
+        return self.planned > 0 and self.sent == self.planned == self.accepted
+
+    def record_failure(self, code: str, count: int, detail: str) -> None:
+        """Count ``count`` readings failed with status ``code``; keep the first detail."""
+        self.failed_by_code[code] = self.failed_by_code.get(code, 0) + count
+        self.first_error.setdefault(code, detail)
+
+    def render(self) -> str:
+        """The human-readable end-of-run report."""
+        rate = self.accepted / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        p50, p95, p99 = (percentile(self.latencies_s, q) * 1000 for q in (50, 95, 99))
+        return "\n".join(
+            [
+                f"readings: {self.sent} sent of {self.planned} planned, "
+                f"{self.accepted} accepted, {self.failed} rejected",
+                *(
+                    f"  {code}: {n} (first: {self.first_error.get(code) or '-'})"
+                    for code, n in sorted(self.failed_by_code.items())
+                ),
+                f"elapsed: {self.elapsed_s:.2f} s, {rate:.1f} accepted readings/s",
+                f"RPC latency over {len(self.latencies_s)} RPCs: "
+                f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms",
+            ]
+        )
+
+
+def due_at(start: float, released: int, count: int, rate: float) -> float:
+    """When ``count`` more readings may go: tokens accrue at ``rate``/s from ``start`` and
+    ``released`` of them are spent already."""
+    return start + (released + count) / rate
+
+
+def grid_start(now: float, per_device: int, interval_s: int) -> int:
+    """First timestamp (epoch s): ``per_device`` intervals before ``now``, on the grid."""
+    return int(now // interval_s) * interval_s - per_device * interval_s
+
+
+def device_readings(
+    device_id: str, start: int, count: int, interval_s: int, base_kw: float, rng: random.Random
+) -> Iterator[reading_pb2.Reading]:
+    """``count`` readings of one device, one interval apart from ``start``, noisy base load."""
+    energy = base_kw * interval_s / 3600
+    for j in range(count):
+        yield reading_pb2.Reading(
+            device_id=device_id,
+            timestamp=Timestamp(seconds=start + j * interval_s),
+            usage_kwh=round(max(0.0, rng.gauss(energy, energy * 0.3)), 4),
+        )
+
+
+def fleet_batches(
+    config: FleetConfig, now: float, rng: random.Random
+) -> Iterator[list[reading_pb2.Reading]]:
+    """Readings in sending order: batch b of every device, then b + 1 (unary: batches of 1)."""
+    per, step, size = config.per_device, config.interval_s, config.batch or 1
+    start = grid_start(now, per, step)
+    ids = (f"{config.device_prefix}-{i:05d}" for i in range(1, config.devices + 1))
+    streams = [device_readings(d, start, per, step, rng.uniform(0.2, 5.0), rng) for d in ids]
+    for _ in range(math.ceil(per / size)):
+        for stream in streams:
+            yield list(islice(stream, size))
+
+
+async def run_fleet(config: FleetConfig) -> FleetSummary:
+    """Send every reading of the fleet at ``config.rate``; stop issuing after duration+timeout."""
+    summary = FleetSummary(planned=config.per_device * config.devices)
+    semaphore, tasks = asyncio.Semaphore(config.concurrency), set[asyncio.Task[None]]()
+    console = Console()
+    progress = Progress(
+        TextColumn("loggers"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (config.show_progress and console.is_terminal),
+    )
+    bar = progress.add_task("send", total=summary.planned, status="")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def send(stub: gateway_pb2_grpc.GatewayStub, chunk: list[reading_pb2.Reading]) -> None:
+        began = time.perf_counter()
+        try:
+            requests = [gateway_pb2.SendReadingRequest(reading=r) for r in chunk]
+            if config.batch:
+                reply = await stub.SendReadings(iter(requests), timeout=config.timeout_s)
+                summary.accepted += reply.accepted
+                if rejected := len(chunk) - reply.accepted:
+                    reason = reply.rejected[0].reason if reply.rejected else ""
+                    summary.record_failure("INVALID_ARGUMENT", rejected, reason)
+            else:
+                await stub.SendReading(requests[0], timeout=config.timeout_s)
+                summary.accepted += 1
+        except grpc.aio.AioRpcError as exc:
+            summary.record_failure(exc.code().name, len(chunk), exc.details() or "")
+        finally:
+            semaphore.release()
+        summary.latencies_s.append(time.perf_counter() - began)
+        per_s = summary.accepted / max(loop.time() - start, 1e-9)
+        status = f"ok {summary.accepted}  errors {summary.failed}  {per_s:.0f} readings/s"
+        progress.update(bar, advance=len(chunk), status=status)
+
+    with progress:
+        async with grpc.aio.insecure_channel(config.target) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            for chunk in fleet_batches(config, time.time(), random.Random(config.seed)):
+                delay = due_at(start, summary.sent, len(chunk), config.rate) - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await semaphore.acquire()
+                if loop.time() > start + config.duration_s + config.timeout_s:
+                    semaphore.release()
+                    break
+                summary.sent += len(chunk)
+                task = asyncio.create_task(send(stub, chunk))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+    summary.elapsed_s = loop.time() - start
+    return summary
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    devices: Annotated[int, typer.Option(min=1, help="Virtual loggers.")] = 50,
+    rate: Annotated[float, typer.Option(min=0.001, help="Total readings per second.")] = 200.0,
+    duration_s: Annotated[float, typer.Option("--duration", min=0.001, help="Seconds.")] = 30.0,
+    target: Annotated[str, typer.Option(help="Gateway HOST:PORT.")] = "127.0.0.1:50051",
+    batch: Annotated[
+        int, typer.Option(min=0, help="0: unary SendReading; N: N readings per SendReadings.")
+    ] = 0,
+    interval_s: Annotated[int, typer.Option(min=1, help="Seconds each reading covers.")] = 60,
+    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible usage.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Max RPCs in flight.")] = 64,
+    timeout_s: Annotated[float, typer.Option(min=0.001, help="Deadline per RPC, s.")] = 10.0,
+    device_prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-00001...")] = "sim",
+) -> None:
+    """Run the fleet, print the summary; exit 1 unless every reading was accepted."""
+    summary = asyncio.run(run_fleet(FleetConfig(**locals())))  # parameters = FleetConfig fields
+    typer.echo(summary.render())
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+if __name__ == "__main__":
+    app()

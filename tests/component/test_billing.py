@@ -1,0 +1,255 @@
+"""billing_service against the real RabbitMQ, Redis and FerretDB (MongoDB wire protocol)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aio_pika
+import pytest
+import redis.asyncio as redis
+from prometheus_client import REGISTRY
+
+from billing_service.adapters.mongo import MongoLedger
+from billing_service.app import BillingApp
+from billing_service.domain.ledger import DayKey, DayTotal
+from billing_service.settings import BillingSettings
+from common.messages import encode_reading
+from common.models import Reading, validate_reading
+from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology
+from tests.conftest import (
+    MONGODB_URL,
+    RABBITMQ_URL,
+    REDIS_URL,
+    delete_topology,
+    free_port,
+    wait_until,
+)
+
+NOW = datetime.now(UTC)
+T = NOW.replace(microsecond=0) - timedelta(hours=1)
+
+
+def reading(minutes: int = 0, kwh: float = 1.25, device: str = "meter-1") -> Reading:
+    return validate_reading(device, T + timedelta(minutes=minutes), kwh, now=NOW)
+
+
+def settings(prefix: str, mongodb_url: str = MONGODB_URL) -> BillingSettings:
+    return BillingSettings(
+        port=0,
+        topology_prefix=prefix,
+        mongodb_url=mongodb_url,
+        mongodb_database=prefix.strip("-"),
+        mongodb_timeout_s=1,
+        redis_key_prefix=prefix,
+        retry_max_delay_s=0.5,
+        rabbitmq_url=RABBITMQ_URL,
+        redis_url=REDIS_URL,
+    )
+
+
+async def publish(prefix: str, bodies: list[bytes]) -> None:
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(Topology(prefix).exchange)
+        for body in bodies:
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await exchange.publish(message, ROUTING_KEY)
+
+
+async def ready_count(queue_name: str) -> int:
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+@pytest.fixture
+async def billing(prefix: str) -> AsyncIterator[BillingApp]:
+    app = BillingApp(settings(prefix))
+    await app.start()
+    yield app
+    await app.stop()
+    await cleanup(prefix, app)
+
+
+async def cleanup(prefix: str, app: BillingApp) -> None:
+    ledger = MongoLedger.connect(app.settings.mongodb_url, prefix.strip("-"), timeout_s=5)
+    await ledger.database.client.drop_database(ledger.database.name)
+    ledger.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+    await delete_topology(prefix)
+
+
+def billed() -> float:
+    return REGISTRY.get_sample_value("billing_readings_total", {"result": "billed"}) or 0.0
+
+
+async def test_the_same_reading_delivered_three_times_is_counted_once(billing, prefix) -> None:
+    before = REGISTRY.get_sample_value("billing_readings_total", {"result": "duplicate"}) or 0
+    r = reading(kwh=1.25)
+    await publish(prefix, [encode_reading(r)] * 3)
+    await wait_until(
+        lambda: _equals(REGISTRY.get_sample_value(
+            "billing_readings_total", {"result": "duplicate"}), before + 2),
+        what="three deliveries processed",
+    )
+    assert await billing.ledger.readings.count_documents({}) == 1
+    key = DayKey.of(r)
+    assert await billing.ledger.day_total(key) == DayTotal(1, 1_250_000)
+    assert await billing.cache.month_to_date("meter-1", key.month) == DayTotal(1, 1_250_000)
+    assert await billing.cache.latest("meter-1") == r
+    assert await ready_count(Topology(prefix).billing_queue) == 0
+
+
+async def _equals(value: float | None, expected: float) -> bool:
+    return value == expected
+
+
+async def test_month_to_date_in_redis_equals_mongodb_in_any_order(billing, prefix) -> None:
+    readings = [reading(minutes=m, kwh=0.1 * m) for m in range(30)]
+    bodies = [encode_reading(r) for r in reversed(readings)] + [
+        encode_reading(r) for r in readings[::4]
+    ]
+    await publish(prefix, bodies)
+    month = DayKey.of(readings[0]).month
+
+    async def all_billed() -> bool:
+        return (await billing.ledger.month_total("meter-1", month)).count == 30
+
+    await wait_until(all_billed, what="30 readings billed")
+    expected = DayTotal(30, sum(r.usage_milliwh for r in readings))
+    assert await billing.ledger.month_total("meter-1", month) == expected
+    await wait_until(
+        lambda: _equals_total(billing, month, expected), what="Redis month-to-date"
+    )
+    assert await billing.cache.latest("meter-1") == readings[-1]
+
+
+async def _equals_total(billing: BillingApp, month: str, expected: DayTotal) -> bool:
+    return await billing.cache.month_to_date("meter-1", month) == expected
+
+
+async def test_a_poison_message_goes_to_the_dead_letter_queue_with_its_reason(
+    billing, prefix
+) -> None:
+    good = reading(minutes=1)
+    await publish(prefix, [b"{not json", b'{"schema_version": 9}', encode_reading(good)])
+    topology = Topology(prefix)
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+        dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def two_dead_letters() -> bool:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is not None:
+                dead.append(message)
+            return len(dead) == 2
+
+        await wait_until(two_dead_letters, what="two dead letters")
+    reasons = sorted(str(m.headers[REASON_HEADER]) for m in dead)
+    assert reasons[0].startswith("body is not JSON")
+    assert reasons[1] == "unsupported schema_version 9; expected 1"
+    assert {m.headers["x-original-queue"] for m in dead} == {topology.billing_queue}
+    assert {m.body for m in dead} == {b"{not json", b'{"schema_version": 9}'}
+
+    async def good_billed() -> bool:
+        return await billing.ledger.day_total(DayKey.of(good)) == DayTotal(1, good.usage_milliwh)
+
+    await wait_until(good_billed, what="the good neighbour billed")
+
+
+class FerretDB:
+    """A private FerretDB process the test can stop and start (the shared one stays up)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.binary = shutil.which("ferretdb") or os.path.expanduser("~/go/bin/ferretdb")
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    async def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--handler=sqlite", f"--sqlite-url=file:{self.data_dir}/",
+             f"--listen-addr=127.0.0.1:{self.port}", "--debug-addr=-", "--telemetry=disable",
+             "--log-level=error"],
+        )
+
+        async def listening() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        await wait_until(listening, timeout_s=30, what="private FerretDB listening")
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def ferretdb(tmp_path: Path) -> Iterator[FerretDB]:
+    server = FerretDB(tmp_path)
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.stop()
+
+
+async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeeds(
+    prefix: str, ferretdb: FerretDB
+) -> None:
+    await ferretdb.start()
+    app = BillingApp(settings(prefix, mongodb_url=ferretdb.url))
+    await app.start()
+    ferretdb.stop()
+    retries_before = REGISTRY.get_sample_value("billing_store_retries_total") or 0
+    r = reading(kwh=3.5)
+    await publish(prefix, [encode_reading(r)])
+
+    async def retrying() -> bool:
+        return (REGISTRY.get_sample_value("billing_store_retries_total") or 0) > retries_before
+
+    await wait_until(retrying, what="the write to be retried")
+    # Shut billing down while MongoDB is still down: the message was never acked, so the
+    # broker holds it again, ready for the next consumer.
+    await app.stop()
+    assert await ready_count(Topology(prefix).billing_queue) == 1
+
+    await ferretdb.start()
+    app = BillingApp(settings(prefix, mongodb_url=ferretdb.url))
+    await app.start()
+    try:
+        async def billed_once() -> bool:
+            return await app.ledger.day_total(DayKey.of(r)) == DayTotal(1, 3_500_000)
+
+        await wait_until(billed_once, what="the reading billed after MongoDB returned")
+        assert await app.ledger.readings.count_documents({}) == 1
+        await wait_until(lambda: _queue_empty(prefix), what="the message acked")
+    finally:
+        await app.stop()
+        await cleanup(prefix, app)
+
+
+async def _queue_empty(prefix: str) -> bool:
+    return await ready_count(Topology(prefix).billing_queue) == 0

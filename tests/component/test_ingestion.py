@@ -1,0 +1,153 @@
+"""Gateway and ingestion against the real RabbitMQ: confirmed means in the quorum queue."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from api_gateway.app import GatewayApp
+from api_gateway.settings import GatewaySettings
+from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.models import derive_reading_id
+from common.rabbit import Topology
+from ingestion_service.app import IngestionApp
+from ingestion_service.settings import IngestionSettings
+from tests.conftest import RABBITMQ_URL, delete_topology, free_port, queue_info
+
+T = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
+def request(device: str = "meter-1", minutes: int = 0, kwh: float = 1.5, **kw: object):
+    reading = reading_pb2.Reading(device_id=device, usage_kwh=kwh, **kw)  # type: ignore[arg-type]
+    reading.timestamp.FromDatetime(T + timedelta(minutes=minutes))
+    return gateway_pb2.SendReadingRequest(reading=reading)
+
+
+async def start_pipeline(prefix: str, rabbitmq_url: str = RABBITMQ_URL, ingestion_addr=None):
+    ingestion = IngestionApp(
+        IngestionSettings(port=0, topology_prefix=prefix, rabbitmq_url=rabbitmq_url,
+                          confirm_timeout_s=3)
+    )
+    await ingestion.start()
+    gateway = GatewayApp(
+        GatewaySettings(
+            port=0, batch_size=7,
+            ingestion_addr=ingestion_addr or f"127.0.0.1:{ingestion.port}",
+            ingestion_timeout_s=3,
+        )
+    )
+    await gateway.start()
+    return ingestion, gateway
+
+
+@pytest.fixture
+async def stub(prefix: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    ingestion, gateway = await start_pipeline(prefix)
+    await ingestion.publisher._connecting  # connected before the first RPC
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    yield gateway_pb2_grpc.GatewayStub(channel)
+    await channel.close()
+    await gateway.stop()
+    await ingestion.stop()
+    await delete_topology(prefix)
+
+
+async def drain(queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        messages = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+        return messages
+
+
+async def test_a_confirmed_reading_is_in_both_quorum_queues(stub, prefix: str) -> None:
+    response = await stub.SendReading(request(kwh=2.25), timeout=10)
+    topology = Topology(prefix)
+    assert response.reading_id == derive_reading_id("meter-1", T)
+    for name in (topology.billing_queue, topology.analytics_queue):
+        info = await queue_info(name)
+        assert info["type"] == "quorum" and info["durable"] is True
+        assert info["arguments"]["x-dead-letter-exchange"] == topology.dead_letter_exchange
+    [message] = await drain(topology.billing_queue)
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    assert message.message_id == response.reading_id
+    body = json.loads(message.body)
+    assert body["usage_kwh"] == 2.25 and body["schema_version"] == 1
+    assert body["timestamp"] == T.isoformat(timespec="microseconds")
+
+
+async def test_an_invalid_reading_is_refused_and_nothing_is_published(stub, prefix: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SendReading(request(kwh=float("nan")), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "usage_kwh" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SendReading(gateway_pb2.SendReadingRequest(), timeout=10)
+    assert caught.value.details().startswith("reading: is missing")
+    assert await drain(Topology(prefix).billing_queue) == []
+
+
+async def test_a_stream_publishes_the_valid_readings_and_lists_the_rest(stub, prefix) -> None:
+    requests = [request(minutes=i) for i in range(20)]
+    requests[3] = request(device="bad id", minutes=3)
+    requests[11] = request(minutes=11, kwh=-1)
+
+    async def stream():
+        for r in requests:
+            yield r
+
+    response = await stub.SendReadings(stream(), timeout=10)
+    assert response.accepted == 18 and response.rejected_count == 2
+    assert [(r.index, r.device_id) for r in response.rejected] == [(3, "bad id"), (11, "meter-1")]
+    assert "negative" in response.rejected[1].reason
+    assert len(await drain(Topology(prefix).billing_queue)) == 18
+
+
+async def test_broker_unreachable_means_unavailable_and_nothing_accepted(prefix: str) -> None:
+    closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    ingestion, gateway = await start_pipeline(prefix, rabbitmq_url=closed)
+    published_before = REGISTRY.get_sample_value("ingestion_published_total")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SendReading(request(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "RabbitMQ" in caught.value.details()
+
+            async def one():
+                yield request()
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SendReadings(one(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "0 readings of this stream were accepted" in caught.value.details()
+    finally:
+        await gateway.stop()
+        await ingestion.stop()
+    assert REGISTRY.get_sample_value("ingestion_published_total") == published_before
+
+
+async def test_ingestion_unreachable_means_unavailable(prefix: str) -> None:
+    gateway = GatewayApp(
+        GatewaySettings(port=0, ingestion_addr=f"127.0.0.1:{free_port()}", ingestion_timeout_s=2)
+    )
+    await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gateway_pb2_grpc.GatewayStub(channel).SendReading(request(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "ingestion service unreachable" in caught.value.details()
+    finally:
+        await gateway.stop()

@@ -1,0 +1,70 @@
+"""Where the real servers are (make services starts them) and per-test isolation.
+
+Point the tests at your own servers with RABBITMQ_URL, RABBITMQ_MANAGEMENT_URL,
+REDIS_URL and MONGODB_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+RABBITMQ_MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+MONGODB_URL = os.environ.get("MONGODB_URL", "mongodb://127.0.0.1:27017/")
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A unique prefix for queue names, Redis keys and database names of one test."""
+    return f"t{uuid.uuid4().hex[:10]}-"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout_s: float = 30, what: str = "condition"
+) -> None:
+    """Poll an async predicate until it holds; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def delete_topology(prefix: str) -> None:
+    """Remove the exchanges and queues a test declared under its prefix."""
+    import aio_pika
+
+    from common.rabbit import Topology
+
+    topology = Topology(prefix)
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (topology.billing_queue, topology.analytics_queue, topology.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (topology.exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+
+
+async def queue_info(name: str) -> dict:
+    """The management API's view of a queue (type, ready and unacked counts)."""
+    import httpx
+
+    async with httpx.AsyncClient(auth=("guest", "guest"), timeout=5) as client:
+        response = await client.get(f"{RABBITMQ_MANAGEMENT_URL}/api/queues/%2F/{name}")
+        response.raise_for_status()
+        return response.json()

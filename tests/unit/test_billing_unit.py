@@ -1,0 +1,120 @@
+"""Billing logic without servers: the ledger on mongomock-motor, the handler's retry policy.
+
+The same MongoLedger runs against the real FerretDB in tests/component.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from mongomock_motor import AsyncMongoMockClient
+
+from billing_service.adapters.mongo import MongoLedger
+from billing_service.consumer import BillingHandler
+from billing_service.domain.ledger import DayKey, DayTotal, TransientFailure
+from common.models import Reading, validate_reading
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def reading(minute: int, kwh: float = 0.5, device: str = "meter-1", day: int = 22) -> Reading:
+    return validate_reading(device, datetime(2026, 11, day, 11, minute, tzinfo=UTC), kwh, now=NOW)
+
+
+@pytest.fixture
+def ledger() -> MongoLedger:
+    return MongoLedger(AsyncMongoMockClient()["billing"])
+
+
+async def test_a_reading_recorded_three_times_counts_once(ledger: MongoLedger) -> None:
+    first = await ledger.record(reading(1))
+    again = [await ledger.record(reading(1)) for _ in range(2)]
+    assert first.duplicate is False and first.total == DayTotal(1, 500_000)
+    assert all(r.duplicate and r.total == DayTotal(1, 500_000) for r in again)
+    assert await ledger.readings.count_documents({}) == 1
+
+
+async def test_totals_are_the_same_in_any_order(ledger: MongoLedger) -> None:
+    readings = [reading(m, kwh=0.1 * (m + 1)) for m in range(10)]
+    for r in reversed(readings):
+        await ledger.record(r)
+    for r in readings[::3]:
+        await ledger.record(r)
+    total = await ledger.day_total(DayKey("meter-1", "2026-11-22"))
+    assert total == DayTotal(10, sum(r.usage_milliwh for r in readings))
+
+
+async def test_month_total_and_latest(ledger: MongoLedger) -> None:
+    await ledger.record(reading(5, 1.0, day=21))
+    await ledger.record(reading(7, 2.0, day=22))
+    await ledger.record(reading(6, 4.0, day=22))
+    assert await ledger.month_total("meter-1", "2026-11") == DayTotal(3, 7_000_000)
+    assert await ledger.month_total("meter-1", "2026-10") == DayTotal()
+    latest = await ledger.latest("meter-1")
+    assert latest == reading(7, 2.0, day=22)
+
+
+class FlakyLedger:
+    """Fails ``failures`` times with a transient error, then records into a real ledger."""
+
+    def __init__(self, inner: MongoLedger, failures: int) -> None:
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    async def record(self, reading: Reading):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise TransientFailure("MongoDB: connection refused")
+        return await self.inner.record(reading)
+
+    async def day_total(self, key: DayKey) -> DayTotal:
+        return await self.inner.day_total(key)
+
+    async def latest(self, device_id: str) -> Reading | None:
+        return await self.inner.latest(device_id)
+
+
+class MemoryCache:
+    def __init__(self) -> None:
+        self.down = False
+        self.days: dict[DayKey, DayTotal] = {}
+        self.latest: dict[str, Reading] = {}
+
+    async def put_day_total(self, key: DayKey, total: DayTotal) -> None:
+        if self.down:
+            raise TransientFailure("Redis: connection refused")
+        self.days[key] = total
+
+    async def put_latest(self, reading: Reading) -> None:
+        if self.down:
+            raise TransientFailure("Redis: connection refused")
+        self.latest[reading.device_id] = reading
+
+
+async def test_a_transient_ledger_failure_is_retried_until_it_succeeds(ledger: MongoLedger) -> None:
+    flaky, cache = FlakyLedger(ledger, failures=3), MemoryCache()
+    handler = BillingHandler(flaky, cache, retry_max_delay_s=0.01, cache_retry_s=1)
+    await handler(reading(1))
+    assert flaky.calls == 4
+    assert cache.days[DayKey("meter-1", "2026-11-22")] == DayTotal(1, 500_000)
+
+
+async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedger) -> None:
+    cache = MemoryCache()
+    cache.down = True
+    handler = BillingHandler(ledger, cache, retry_max_delay_s=0.01, cache_retry_s=0.05)
+    await handler(reading(1))
+    await handler(reading(2))
+    assert await ledger.day_total(DayKey("meter-1", "2026-11-22")) == DayTotal(2, 1_000_000)
+    assert cache.days == {}
+    cache.down = False
+    refresher = asyncio.create_task(handler.refresh_stale(interval_s=0.01))
+    try:
+        async with asyncio.timeout(5):
+            while not cache.days:
+                await asyncio.sleep(0.01)
+    finally:
+        refresher.cancel()
+    assert cache.days[DayKey("meter-1", "2026-11-22")] == DayTotal(2, 1_000_000)
+    assert cache.latest["meter-1"].reading_id == reading(2).reading_id

@@ -1,0 +1,325 @@
+"""deployments/docker-compose.yml agrees with the settings classes; the health probe works.
+
+No Docker is needed: the compose file is validated against the compose specification and
+read as YAML, and each app service's environment is fed to its settings class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic_settings import BaseSettings
+
+from analytics_service.settings import AnalyticsSettings
+from api_gateway.settings import GatewaySettings
+from billing_service.settings import BillingSettings
+from common.settings import ServiceSettings, env_names
+from ingestion_service.settings import IngestionSettings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "deployments" / "docker-compose.yml"
+APP_SERVICES: dict[str, type[ServiceSettings]] = {
+    "gateway": GatewaySettings,
+    "ingestion": IngestionSettings,
+    "billing": BillingSettings,
+    "analytics": AnalyticsSettings,
+}
+PORT_FIELDS = ("port", "metrics_port")
+HOST_VARIABLE = {
+    "gateway": "GATEWAY_HOST",
+    "ingestion": "INGESTION_HOST",
+    "billing": "BILLING_HOST",
+    "analytics": "ANALYTICS_HOST",
+}
+# ${NAME}, ${NAME:-default} and ${NAME-default}; compose reads no .env here, so the default.
+INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?::?-)(?P<default>[^}]*))?\}")
+PROBE_TIMEOUT_S = 30
+
+app_services = pytest.mark.parametrize(
+    ("service", "settings_class"), list(APP_SERVICES.items()), ids=list(APP_SERVICES)
+)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The compose file as data, YAML anchors and merge keys resolved."""
+    with COMPOSE_FILE.open(encoding="utf-8") as stream:
+        data = yaml.safe_load(stream)
+    assert isinstance(data, dict)
+    return data
+
+
+def interpolate(value: object) -> str:
+    """The value compose would pass with no variable set in the shell."""
+    text = str(value)
+    assert "$$" not in text, f"escaped $ not handled by this test: {text!r}"
+    resolved = INTERPOLATION.sub(lambda match: match.group("default") or "", text)
+    assert "$" not in resolved, f"unsupported interpolation in {text!r}"
+    return resolved
+
+
+def environment(compose: dict[str, Any], service: str) -> dict[str, str]:
+    """A service's environment as a mapping, in either of the two compose syntaxes."""
+    raw = compose["services"][service].get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) for item in raw)
+    return {str(name): interpolate(value) for name, value in raw.items()}
+
+
+def container_ports(compose: dict[str, Any], service: str) -> set[int]:
+    """Container ports a service publishes, from the short or the long port syntax."""
+    ports: set[int] = set()
+    for entry in compose["services"][service].get("ports") or []:
+        if isinstance(entry, dict):
+            ports.add(int(entry["target"]))
+        else:
+            ports.add(int(str(entry).split("/", 1)[0].rsplit(":", 1)[-1]))
+    return ports
+
+
+def build_settings(
+    settings_class: type[ServiceSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> ServiceSettings:
+    """Instantiate the settings with exactly ``env`` set among the variables it reads."""
+    for name in env_names(settings_class):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return settings_class()
+
+
+def port_fields(settings_class: type[BaseSettings]) -> list[str]:
+    return [name for name in PORT_FIELDS if name in settings_class.model_fields]
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "common.healthcheck", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    result = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_app_services_share_one_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    images = {services[name].get("image") for name in APP_SERVICES}
+    assert len(images) == 1 and None not in images, images
+    for name in APP_SERVICES:
+        build = services[name]["build"]
+        assert build == {"context": "..", "dockerfile": "deployments/Dockerfile"}, name
+        assert services[name]["restart"] == "unless-stopped", name
+
+
+@app_services
+def test_environment_names_are_read_by_the_settings(
+    compose: dict[str, Any], service: str, settings_class: type[ServiceSettings]
+) -> None:
+    unknown = set(environment(compose, service)) - set(env_names(settings_class))
+    assert not unknown, f"{service} sets variables {settings_class.__name__} never reads"
+
+
+@app_services
+def test_settings_build_from_the_environment(
+    compose: dict[str, Any],
+    service: str,
+    settings_class: type[ServiceSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = build_settings(settings_class, environment(compose, service), monkeypatch)
+    assert isinstance(settings, settings_class)
+
+
+@app_services
+def test_every_settings_port_is_published(
+    compose: dict[str, Any],
+    service: str,
+    settings_class: type[ServiceSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = build_settings(settings_class, environment(compose, service), monkeypatch)
+    published = container_ports(compose, service)
+    fields = port_fields(settings_class)
+    assert fields, f"{settings_class.__name__} defines no port"
+    for field in fields:
+        port = getattr(settings, field)
+        assert port in published, f"{service}: {field}={port} not published ({published})"
+
+
+@app_services
+def test_service_listens_on_all_interfaces(
+    compose: dict[str, Any],
+    service: str,
+    settings_class: type[ServiceSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = environment(compose, service)
+    assert env.get(HOST_VARIABLE[service]) == "0.0.0.0"
+    settings: Any = build_settings(settings_class, env, monkeypatch)
+    assert settings.host == "0.0.0.0"
+
+
+def test_gateway_forwards_to_the_ingestion_port(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestion = build_settings(IngestionSettings, environment(compose, "ingestion"), monkeypatch)
+    gateway_env = environment(compose, "gateway")
+    assert gateway_env.get("GATEWAY_INGESTION_ADDR") == f"ingestion:{ingestion.port}"
+    gateway = build_settings(GatewaySettings, gateway_env, monkeypatch)
+    assert isinstance(gateway, GatewaySettings)
+    assert gateway.ingestion_addr == f"ingestion:{ingestion.port}"
+
+
+@app_services
+def test_healthcheck_probes_the_settings_port(
+    compose: dict[str, Any],
+    service: str,
+    settings_class: type[ServiceSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings: Any = build_settings(settings_class, environment(compose, service), monkeypatch)
+    test = compose["services"][service]["healthcheck"]["test"]
+    assert test[:4] == ["CMD", "python", "-m", "common.healthcheck"], test
+    if "port" in settings_class.model_fields:
+        expected = ["grpc", f"127.0.0.1:{settings.port}"]
+    else:
+        expected = ["http", f"http://127.0.0.1:{settings.metrics_port}/metrics"]
+    assert test[4:] == expected, test
+
+
+def test_dependencies_wait_for_healthy_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    expected = {
+        "ingestion": {"rabbitmq"},
+        "billing": {"rabbitmq", "mongo", "redis"},
+        "analytics": {"rabbitmq"},
+        "gateway": {"ingestion"},
+    }
+    for name, dependencies in expected.items():
+        depends_on = services[name]["depends_on"]
+        assert set(depends_on) == dependencies, name
+        for dependency in dependencies:
+            assert depends_on[dependency] == {"condition": "service_healthy"}, (name, dependency)
+            assert "healthcheck" in services[dependency], dependency
+
+
+def test_grpc_probe_fails_on_a_closed_port() -> None:
+    result = run_probe("grpc", f"127.0.0.1:{free_port()}")
+    assert result.returncode != 0
+    assert result.stderr.startswith("unhealthy: grpc"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def _probe_health_server(status: int) -> tuple[int, str]:
+    """Serve grpc.health.v1 with ``status`` for "" and run the probe against it."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await servicer.set("", status)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "common.healthcheck",
+            "grpc",
+            f"127.0.0.1:{port}",
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _stdout, stderr = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT_S)
+        assert process.returncode is not None
+        return process.returncode, stderr.decode()
+    finally:
+        await server.stop(None)
+
+
+async def test_grpc_probe_passes_when_serving() -> None:
+    returncode, stderr = await _probe_health_server(health_pb2.HealthCheckResponse.SERVING)
+    assert returncode == 0, stderr
+
+
+async def test_grpc_probe_fails_when_not_serving() -> None:
+    returncode, stderr = await _probe_health_server(health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert returncode != 0
+    assert "NOT_SERVING" in stderr, stderr
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """200 on /metrics, 404 elsewhere."""
+
+    def do_GET(self) -> None:
+        status = 200 if self.path == "/metrics" else 404
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep the test output quiet."""
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MetricsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_http_probe_passes_on_200(http_port: int) -> None:
+    result = run_probe("http", f"http://127.0.0.1:{http_port}/metrics")
+    assert result.returncode == 0, result.stderr
+
+
+def test_http_probe_fails_on_404(http_port: int) -> None:
+    result = run_probe("http", f"http://127.0.0.1:{http_port}/missing")
+    assert result.returncode != 0
+    assert "status 404" in result.stderr, result.stderr
+
+
+def test_http_probe_fails_on_a_closed_port() -> None:
+    result = run_probe("http", f"http://127.0.0.1:{free_port()}/metrics")
+    assert result.returncode != 0
+    assert result.stderr.startswith("unhealthy: http"), result.stderr

@@ -1,0 +1,56 @@
+"""Settings: documented defaults, and a bad value is reported by its variable's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from analytics_service.settings import AnalyticsSettings
+from api_gateway.settings import GatewaySettings
+from billing_service.settings import BillingSettings
+from common.settings import env_names, load_settings
+from ingestion_service.settings import IngestionSettings
+
+
+def test_defaults_are_the_documented_ports() -> None:
+    assert (GatewaySettings().port, GatewaySettings().metrics_port) == (50051, 9101)
+    assert (IngestionSettings().port, IngestionSettings().metrics_port) == (50052, 9102)
+    assert (BillingSettings().port, BillingSettings().metrics_port) == (50053, 9103)
+    assert AnalyticsSettings().metrics_port == 9100
+
+
+def test_prefixed_and_shared_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLING_PREFETCH", "7")
+    monkeypatch.setenv("MONGODB_URL", "mongodb://db:27017/")
+    monkeypatch.setenv("READING_MAX_USAGE_KWH", "42")
+    settings = BillingSettings()
+    assert settings.prefetch == 7
+    assert settings.mongodb_url == "mongodb://db:27017/"
+    assert settings.limits.max_usage_kwh == 42
+
+
+def test_env_names_lists_every_variable() -> None:
+    names = env_names(GatewaySettings)
+    assert {"GATEWAY_PORT", "GATEWAY_INGESTION_ADDR", "LOG_LEVEL", "READING_MAX_USAGE_KWH"} <= set(
+        names
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "settings_class"),
+    [
+        ("GATEWAY_PORT", "fifty", GatewaySettings),
+        ("GATEWAY_PORT", "70000", GatewaySettings),
+        ("RABBITMQ_URL", "http://rabbit", IngestionSettings),
+        ("MONGODB_URL", "postgres://x", BillingSettings),
+        ("LOG_LEVEL", "LOUD", AnalyticsSettings),
+        ("BILLING_PREFETCH", "0", BillingSettings),
+    ],
+)
+def test_a_bad_value_exits_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, settings_class: type
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as caught:
+        load_settings(settings_class)
+    message = str(caught.value.code)
+    assert f"{variable}={value!r}" in message
