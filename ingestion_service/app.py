@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+
+from grpc_health.v1 import health_pb2
 
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
 from common.grpc_server import GrpcServer, wait_for_termination_signal
@@ -29,13 +33,33 @@ class IngestionApp:
             IngestionServicer(self.publisher, settings.limits), self.grpc.server
         )
         self.port = 0
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.publisher.start()
         self.port = await self.grpc.start(self.settings.host, self.settings.port)
+        self._health_task = asyncio.create_task(self._report_broker_health())
         log.info("ingestion listening", extra={"port": self.port})
 
+    async def _report_broker_health(self, interval_s: float = 0.5) -> None:
+        """Health is SERVING only while RabbitMQ is connected: a publish would fail otherwise."""
+        serving = None
+        while True:
+            if self.publisher.connected != serving:
+                serving = self.publisher.connected
+                status = health_pb2.HealthCheckResponse.SERVING if serving else (
+                    health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in ("", SERVICE_NAME):
+                    await self.grpc.health.set(name, status)
+                log.info("broker connection changed", extra={"connected": serving})
+            await asyncio.sleep(interval_s)
+
     async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
         await self.grpc.stop(self.settings.shutdown_grace_s)
         await self.publisher.close()
 

@@ -48,6 +48,7 @@ def settings(prefix: str, mongodb_url: str = MONGODB_URL) -> BillingSettings:
         mongodb_timeout_s=1,
         redis_key_prefix=prefix,
         retry_max_delay_s=0.5,
+        shutdown_grace_s=1,
         rabbitmq_url=RABBITMQ_URL,
         redis_url=REDIS_URL,
     )

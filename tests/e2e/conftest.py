@@ -1,0 +1,141 @@
+"""The four services as real processes (python -m ...), isolated by names and ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from billing_service.adapters.mongo import MongoLedger
+from billing_service.adapters.redis import RedisCache
+from common.healthcheck import check_grpc, check_http
+from tests.conftest import MONGODB_URL, RABBITMQ_URL, REDIS_URL, delete_topology, free_port
+
+SERVICES = ("ingestion_service", "billing_service", "analytics_service", "api_gateway")
+
+
+@dataclass
+class Stack:
+    prefix: str
+    log_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.ports['GATEWAY_PORT']}"
+
+    @property
+    def database(self) -> str:
+        return self.prefix.strip("-")
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            **{name: str(port) for name, port in self.ports.items()},
+            "GATEWAY_INGESTION_ADDR": f"127.0.0.1:{self.ports['INGESTION_PORT']}",
+            "TOPOLOGY_PREFIX": self.prefix,
+            "MONGODB_DATABASE": self.database,
+            "REDIS_KEY_PREFIX": self.prefix,
+            "RABBITMQ_URL": RABBITMQ_URL,
+            "MONGODB_URL": MONGODB_URL,
+            "REDIS_URL": REDIS_URL,
+            "BILLING_SHUTDOWN_GRACE_S": "2",
+        }
+
+    async def start(self) -> None:
+        for name in ("GATEWAY_PORT", "GATEWAY_METRICS_PORT", "INGESTION_PORT",
+                     "INGESTION_METRICS_PORT", "BILLING_PORT", "BILLING_METRICS_PORT",
+                     "ANALYTICS_METRICS_PORT"):
+            self.ports[name] = free_port()
+        for service in SERVICES:
+            log = open(self.log_dir / f"{service}.log", "wb")  # noqa: SIM115 - closed with the process
+            self.processes[service] = subprocess.Popen(
+                [sys.executable, "-m", service], env=self.env(), stdout=log, stderr=log
+            )
+        probes = [
+            lambda: check_grpc(f"127.0.0.1:{self.ports['INGESTION_PORT']}"),
+            lambda: check_grpc(f"127.0.0.1:{self.ports['BILLING_PORT']}"),
+            lambda: check_grpc(self.gateway),
+            lambda: check_http(self.metrics_url("ANALYTICS")),
+        ]
+        for _ in range(300):
+            self.assert_running()
+            problems = [p for p in await asyncio.gather(*map(asyncio.to_thread, probes)) if p]
+            if not problems:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"stack not healthy in 30 s: {problems}\n{self.logs()}")
+
+    def assert_running(self) -> None:
+        for service, process in self.processes.items():
+            if process.poll() is not None:
+                raise AssertionError(f"{service} exited {process.returncode}\n{self.logs()}")
+
+    def metrics_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[f'{service}_METRICS_PORT']}/metrics"
+
+    async def metric(self, service: str, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample from a service's live /metrics (0 when absent)."""
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(self.metrics_url(service))).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and (labels or {}).items() <= sample.labels.items():
+                    return float(sample.value)
+        return 0.0
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text()[-3000:]}" for path in self.log_dir.glob("*.log")
+        )
+
+    async def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                await asyncio.to_thread(process.wait, 20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def ledger(self) -> MongoLedger:
+        return MongoLedger.connect(MONGODB_URL, self.database, timeout_s=5)
+
+    def cache(self) -> RedisCache:
+        return RedisCache(REDIS_URL, self.prefix, timeout_s=5)
+
+    async def clean(self) -> None:
+        ledger = self.ledger()
+        await ledger.database.client.drop_database(self.database)
+        ledger.close()
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = [key async for key in client.scan_iter(f"{self.prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+        await delete_topology(self.prefix)
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    stack = Stack(prefix=f"e2e{uuid.uuid4().hex[:8]}-", log_dir=tmp_path_factory.mktemp("logs"))
+    try:
+        await stack.start()
+        yield stack
+        stack.assert_running()
+    finally:
+        await stack.stop()
+        await stack.clean()

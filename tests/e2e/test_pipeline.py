@@ -1,0 +1,128 @@
+"""End to end on real parts: 1,000 readings from 50 devices, some sent twice.
+
+Half go by SendReading, half by SendReadings; 150 are resent. MongoDB must hold exactly
+the distinct readings, Redis month-to-date must equal MongoDB per device, and analytics'
+/metrics must count each reading once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from billing_service.domain.ledger import DayKey, DayTotal
+from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.models import Reading, validate_reading
+from tests.conftest import wait_until
+from tests.e2e.conftest import Stack
+
+DEVICES = 50
+PER_DEVICE = 20
+
+
+def fleet() -> list[Reading]:
+    now = datetime.now(UTC)
+    start = now.replace(second=0, microsecond=0) - timedelta(hours=3)
+    return [
+        validate_reading(
+            f"e2e-meter-{d:02d}", start + timedelta(minutes=5 * i), round(0.05 + 0.013 * d + 0.001 * i, 4),
+            now=now,
+        )
+        for d in range(DEVICES)
+        for i in range(PER_DEVICE)
+    ]
+
+
+def as_request(reading: Reading) -> gateway_pb2.SendReadingRequest:
+    message = reading_pb2.Reading(device_id=reading.device_id, usage_kwh=reading.usage_kwh)
+    message.timestamp.FromDatetime(reading.timestamp)
+    return gateway_pb2.SendReadingRequest(reading=message)
+
+
+async def send_one_by_one(stub: gateway_pb2_grpc.GatewayStub, readings: list[Reading]) -> None:
+    limit = asyncio.Semaphore(32)
+
+    async def send(reading: Reading) -> None:
+        async with limit:
+            response = await stub.SendReading(as_request(reading), timeout=10)
+            assert response.reading_id == reading.reading_id
+
+    await asyncio.gather(*(send(r) for r in readings))
+
+
+async def send_streams(stub: gateway_pb2_grpc.GatewayStub, readings: list[Reading]) -> None:
+    by_device: dict[str, list[Reading]] = defaultdict(list)
+    for reading in readings:
+        by_device[reading.device_id].append(reading)
+
+    async def stream(batch: list[Reading]) -> None:
+        async def requests():
+            for reading in batch:
+                yield as_request(reading)
+
+        response = await stub.SendReadings(requests(), timeout=30)
+        assert (response.accepted, response.rejected_count) == (len(batch), 0)
+
+    await asyncio.gather(*(stream(batch) for batch in by_device.values()))
+
+
+async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> None:
+    readings = fleet()
+    by_unary, by_stream = readings[: len(readings) // 2], readings[len(readings) // 2 :]
+    resent_unary, resent_stream = by_unary[::5], by_stream[::10]
+    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        await asyncio.gather(send_one_by_one(stub, by_unary), send_streams(stub, by_stream))
+        await asyncio.gather(
+            send_one_by_one(stub, resent_unary), send_streams(stub, resent_stream)
+        )
+    delivered = len(readings) + len(resent_unary) + len(resent_stream)
+    assert (len(readings), delivered) == (1000, 1150)
+
+    async def all_processed() -> bool:
+        stack.assert_running()
+        billing = await stack.metric("BILLING", "consumer_messages_total", {"outcome": "acked"})
+        analytics = await stack.metric("ANALYTICS", "consumer_messages_total", {"outcome": "acked"})
+        return billing == analytics == delivered
+
+    await wait_until(all_processed, timeout_s=120, what=f"{delivered} messages acked")
+
+    ledger, cache = stack.ledger(), stack.cache()
+    try:
+        assert await ledger.readings.count_documents({}) == 1000
+        expected: dict[tuple[str, str], DayTotal] = defaultdict(DayTotal)
+        for r in readings:
+            key = (r.device_id, DayKey.of(r).month)
+            total = expected[key]
+            expected[key] = DayTotal(total.count + 1, total.usage_milliwh + r.usage_milliwh)
+        for (device_id, month), total in expected.items():
+            assert await ledger.month_total(device_id, month) == total, device_id
+            assert await cache.month_to_date(device_id, month) == total, device_id
+        for device_id in {r.device_id for r in readings}:
+            newest = max((r for r in readings if r.device_id == device_id), key=lambda r: r.timestamp)
+            assert await cache.latest(device_id) == newest
+    finally:
+        ledger.close()
+        await cache.close()
+
+    assert await stack.metric("BILLING", "billing_readings_total", {"result": "billed"}) == 1000
+    assert await stack.metric("BILLING", "billing_readings_total", {"result": "duplicate"}) == 150
+    assert await stack.metric("ANALYTICS", "energy_readings_total") == 1000
+    assert await stack.metric("ANALYTICS", "energy_duplicate_readings_total") == 150
+    assert math.isclose(
+        await stack.metric("ANALYTICS", "energy_received_kwh_total"),
+        sum(r.usage_kwh for r in readings),
+        rel_tol=1e-9,
+    )
+    assert await stack.metric("ANALYTICS", "energy_active_devices") == DEVICES
+    assert await stack.metric("ANALYTICS", "consumer_reading_lag_seconds_count") == delivered
+    assert await stack.metric("GATEWAY", "gateway_readings_accepted_total") == delivered
+    assert await stack.metric("INGESTION", "ingestion_published_total") == delivered
+    assert await stack.metric(
+        "GATEWAY", "grpc_server_handled_total",
+        {"grpc_method": "SendReadings", "grpc_code": "OK"},
+    ) == DEVICES // 2 + len({r.device_id for r in resent_stream})
