@@ -13,7 +13,7 @@ import logging
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from billing_service.domain.ledger import Cache, DayKey, DayTotal, Ledger, TransientFailure
+from billing_service.domain.ledger import Cache, HourKey, Total, Ledger, TransientFailure
 from common.models import Reading
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 READINGS = Counter("billing_readings_total", "Readings recorded, by result.", ["result"])
 RETRIES = Counter("billing_store_retries_total", "Retries after a transient store failure.")
 CACHE_DEFERRED = Counter("billing_cache_deferred_total", "Redis updates deferred while it was down.")
-CACHE_STALE = Gauge("billing_cache_stale_days", "Device-days whose Redis snapshot awaits a refresh.")
+CACHE_STALE = Gauge(
+    "billing_cache_stale_buckets", "Device-hours whose Redis snapshot awaits a refresh."
+)
 
 
 class BillingHandler:
@@ -34,7 +36,7 @@ class BillingHandler:
         self._cache = cache
         self._retry_max_delay_s = retry_max_delay_s
         self._cache_retry_s = cache_retry_s
-        self._stale: set[DayKey] = set()
+        self._stale: set[HourKey] = set()
         CACHE_STALE.set_function(lambda: len(self._stale))
 
     async def __call__(self, reading: Reading) -> None:
@@ -50,8 +52,8 @@ class BillingHandler:
         READINGS.labels("duplicate" if recorded.duplicate else "billed").inc()
         await self._update_cache(reading, recorded.total)
 
-    async def _update_cache(self, reading: Reading, total: DayTotal) -> None:
-        key = DayKey.of(reading)
+    async def _update_cache(self, reading: Reading, total: Total) -> None:
+        key = HourKey.of(reading)
         try:
             async with asyncio.timeout(self._cache_retry_s):
                 async for attempt in AsyncRetrying(
@@ -59,7 +61,7 @@ class BillingHandler:
                     wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 ):
                     with attempt:
-                        await self._cache.put_day_total(key, total)
+                        await self._cache.put_hour_total(key, total)
                         await self._cache.put_latest(reading)
         except (TransientFailure, TimeoutError) as error:
             log.warning(
@@ -75,7 +77,7 @@ class BillingHandler:
             await asyncio.sleep(interval_s)
             for key in list(self._stale):
                 try:
-                    await self._cache.put_day_total(key, await self._ledger.day_total(key))
+                    await self._cache.put_hour_total(key, await self._ledger.hour_total(key))
                     latest = await self._ledger.latest(key.device_id)
                     if latest is not None:
                         await self._cache.put_latest(latest)

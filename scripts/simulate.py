@@ -106,20 +106,25 @@ def due_at(start: float, released: int, count: int, rate: float) -> float:
     return start + (released + count) / rate
 
 
-def grid_start(now: float, per_device: int, interval_s: int) -> int:
-    """First timestamp (epoch s): ``per_device`` intervals before ``now``, on the grid."""
-    return int(now // interval_s) * interval_s - per_device * interval_s
+def first_timestamp(now: float, per_device: int, interval_s: int) -> float:
+    """First timestamp (epoch s): ``per_device`` intervals before ``now``.
+
+    Anchored at the run's own start instant rather than the wall-clock grid, so every run
+    sends new readings; a rerun on the grid would resend the last run's, which billing
+    rightly ignores as duplicates.
+    """
+    return now - per_device * interval_s
 
 
 def device_readings(
-    device_id: str, start: int, count: int, interval_s: int, base_kw: float, rng: random.Random
+    device_id: str, start: float, count: int, interval_s: int, base_kw: float, rng: random.Random
 ) -> Iterator[reading_pb2.Reading]:
     """``count`` readings of one device, one interval apart from ``start``, noisy base load."""
     energy = base_kw * interval_s / 3600
     for j in range(count):
         yield reading_pb2.Reading(
             device_id=device_id,
-            timestamp=Timestamp(seconds=start + j * interval_s),
+            timestamp=_timestamp(start + j * interval_s),
             usage_kwh=round(max(0.0, rng.gauss(energy, energy * 0.3)), 4),
         )
 
@@ -129,12 +134,18 @@ def fleet_batches(
 ) -> Iterator[list[reading_pb2.Reading]]:
     """Readings in sending order: batch b of every device, then b + 1 (unary: batches of 1)."""
     per, step, size = config.per_device, config.interval_s, config.batch or 1
-    start = grid_start(now, per, step)
+    start = first_timestamp(now, per, step)
     ids = (f"{config.device_prefix}-{i:05d}" for i in range(1, config.devices + 1))
     streams = [device_readings(d, start, per, step, rng.uniform(0.2, 5.0), rng) for d in ids]
     for _ in range(math.ceil(per / size)):
         for stream in streams:
             yield list(islice(stream, size))
+
+
+def _timestamp(epoch_s: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(round(epoch_s * 1_000_000))
+    return stamp
 
 
 async def run_fleet(config: FleetConfig) -> FleetSummary:

@@ -2,7 +2,7 @@
 
 Idempotency without transactions (FerretDB and standalone MongoDB have none):
 1. ``readings``: one document per reading, ``_id`` = reading_id; a repeat is a duplicate key.
-2. ``device_days``: one bucket per device and UTC day with the ids it holds; a reading is
+2. ``device_hours``: one bucket per device and UTC hour with the ids it holds; a reading is
    added by one conditional update (``reading_ids: {$ne: id}``), so no total is counted
    twice; the upsert that creates a bucket is told apart from a redelivery on conflict.
 Each write is idempotent on its own, so a crash between them is healed by the redelivery.
@@ -19,7 +19,7 @@ import weakref
 from datetime import UTC
 
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import (
     AutoReconnect,
     ConnectionFailure,
@@ -30,7 +30,7 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from billing_service.domain.ledger import DayKey, DayTotal, Recorded, TransientFailure
+from billing_service.domain.ledger import HourKey, Total, Recorded, TransientFailure
 from common.models import Reading
 
 TRANSIENT_ERRORS = (
@@ -52,7 +52,7 @@ class MongoLedger:
             weakref.WeakValueDictionary()
         )
         self.readings = database["readings"]
-        self.device_days = database["device_days"]
+        self.device_hours = database["device_hours"]
 
     @classmethod
     def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
@@ -70,12 +70,12 @@ class MongoLedger:
     async def ensure_indexes(self) -> None:
         try:
             await self.readings.create_index([("device_id", ASCENDING), ("timestamp", ASCENDING)])
-            await self.device_days.create_index([("device_id", ASCENDING), ("month", ASCENDING)])
+            await self.device_hours.create_index([("device_id", ASCENDING), ("month", ASCENDING)])
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
 
     async def record(self, reading: Reading) -> Recorded:
-        key = DayKey.of(reading)
+        key = HourKey.of(reading)
         try:
             try:
                 await self.readings.insert_one(
@@ -91,52 +91,52 @@ class MongoLedger:
                 pass  # stored by an earlier delivery
             lock = self._bucket_locks.setdefault(key.bucket_id, asyncio.Lock())
             async with lock:
-                duplicate = not await self._add_to_bucket(key, reading)
-                return Recorded(await self.day_total(key), duplicate)
+                return await self._add_to_bucket(key, reading)
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
 
-    async def _add_to_bucket(self, key: DayKey, reading: Reading) -> bool:
-        """Add the reading to its bucket unless it holds it already; True if it was added."""
+    async def _add_to_bucket(self, key: HourKey, reading: Reading) -> Recorded:
+        """Add the reading to its bucket unless the bucket holds it already."""
         holds_not = {"_id": key.bucket_id, "reading_ids": {"$ne": reading.reading_id}}
         add = {
             "$push": {"reading_ids": reading.reading_id},
             "$inc": {"count": 1, "usage_milliwh": reading.usage_milliwh},
         }
+        create = {"device_id": key.device_id, "hour": key.hour, "month": key.month}
         try:
-            await self.device_days.update_one(
-                holds_not,
-                {**add, "$setOnInsert": {"device_id": key.device_id, "day": key.day,
-                                         "month": key.month}},
-                upsert=True,
+            bucket = await self.device_hours.find_one_and_update(
+                holds_not, {**add, "$setOnInsert": create}, upsert=True,
+                return_document=ReturnDocument.AFTER,
             )
-            return True
         except DuplicateKeyError:
             # The bucket exists: either it holds the reading (a redelivery), or a concurrent
             # first reading created it between our match and insert. Now that it exists, a
             # plain conditional update tells the two apart.
-            result = await self.device_days.update_one(holds_not, add)
-            return result.modified_count == 1
+            bucket = await self.device_hours.find_one_and_update(
+                holds_not, add, return_document=ReturnDocument.AFTER
+            )
+            if bucket is None:
+                return Recorded(await self.hour_total(key), duplicate=True)
+        return Recorded(Total(bucket["count"], bucket["usage_milliwh"]), duplicate=False)
 
-    async def day_total(self, key: DayKey) -> DayTotal:
-        document = await self.device_days.find_one(
+    async def hour_total(self, key: HourKey) -> Total:
+        document = await self.device_hours.find_one(
             {"_id": key.bucket_id}, projection={"count": 1, "usage_milliwh": 1}
         )
         if document is None:
-            return DayTotal()
-        return DayTotal(count=document["count"], usage_milliwh=document["usage_milliwh"])
+            return Total()
+        return Total(count=document["count"], usage_milliwh=document["usage_milliwh"])
 
-    async def month_total(self, device_id: str, month: str) -> DayTotal:
+    async def month_total(self, device_id: str, month: str) -> Total:
         """Sum of the device's buckets in a month (YYYY-MM, UTC)."""
-        # At most 31 buckets: summed here rather than by $group, whose $sum FerretDB 1.24
-        # answers with 0 for these integer fields.
-        count = milliwh = 0
-        async for bucket in self.device_days.find(
+        # At most 744 buckets, summed here rather than by $group: FerretDB 1.24 answers
+        # $sum over these integer fields with 0.
+        total = Total()
+        async for bucket in self.device_hours.find(
             {"device_id": device_id, "month": month}, projection={"count": 1, "usage_milliwh": 1}
         ):
-            count += bucket["count"]
-            milliwh += bucket["usage_milliwh"]
-        return DayTotal(count=count, usage_milliwh=milliwh)
+            total += Total(bucket["count"], bucket["usage_milliwh"])
+        return total
 
     async def latest(self, device_id: str) -> Reading | None:
         document = await self.readings.find_one(

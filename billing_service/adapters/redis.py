@@ -5,7 +5,7 @@ holds (compared inside Redis by a script), so redeliveries, concurrent handlers 
 out-of-order readings cannot make it go backwards or count twice.
 
 Keys (``prefix`` defaults to ``energy:``):
-- ``{prefix}mtd:{device_id}:{YYYY-MM}``  hash  day ``DD`` → ``count:milliwh``
+- ``{prefix}mtd:{device_id}:{YYYY-MM}``  hash  hour ``DDHH`` → ``count:milliwh``
 - ``{prefix}latest:{device_id}``         hash  reading_id, timestamp, usage_kwh, ts_us
 """
 
@@ -17,10 +17,10 @@ import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from billing_service.domain.ledger import DayKey, DayTotal, TransientFailure
+from billing_service.domain.ledger import HourKey, Total, TransientFailure
 from common.models import Reading
 
-PUT_DAY_TOTAL = """
+PUT_HOUR_TOTAL = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and tonumber(string.match(current, '^(%d+):')) >= tonumber(ARGV[2]) then
   return 0
@@ -50,7 +50,7 @@ class RedisCache:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
         )
         self._prefix = prefix
-        self._put_day_total = self._redis.register_script(PUT_DAY_TOTAL)
+        self._put_hour_total = self._redis.register_script(PUT_HOUR_TOTAL)
         self._put_latest = self._redis.register_script(PUT_LATEST)
 
     def month_key(self, device_id: str, month: str) -> str:
@@ -59,11 +59,11 @@ class RedisCache:
     def latest_key(self, device_id: str) -> str:
         return f"{self._prefix}latest:{device_id}"
 
-    async def put_day_total(self, key: DayKey, total: DayTotal) -> None:
+    async def put_hour_total(self, key: HourKey, total: Total) -> None:
         await self._call(
-            self._put_day_total(
+            self._put_hour_total(
                 keys=[self.month_key(key.device_id, key.month)],
-                args=[key.day[8:], total.count, total.usage_milliwh],
+                args=[key.hour_of_month, total.count, total.usage_milliwh],
             )
         )
 
@@ -76,17 +76,16 @@ class RedisCache:
             )
         )
 
-    async def month_to_date(self, device_id: str, month: str) -> DayTotal | None:
+    async def month_to_date(self, device_id: str, month: str) -> Total | None:
         """The cached month total, or None when nothing is cached for that month."""
-        days = await self._call(self._redis.hgetall(self.month_key(device_id, month)))
-        if not days:
+        hours = await self._call(self._redis.hgetall(self.month_key(device_id, month)))
+        if not hours:
             return None
-        count = milliwh = 0
-        for value in days.values():
-            day_count, day_milliwh = value.split(":")
-            count += int(day_count)
-            milliwh += int(day_milliwh)
-        return DayTotal(count=count, usage_milliwh=milliwh)
+        total = Total()
+        for value in hours.values():
+            count, milliwh = value.split(":")
+            total += Total(int(count), int(milliwh))
+        return total
 
     async def latest(self, device_id: str) -> Reading | None:
         fields = await self._call(self._redis.hgetall(self.latest_key(device_id)))

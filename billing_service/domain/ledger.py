@@ -1,9 +1,10 @@
-"""Per-device, per-day energy buckets: the unit of idempotent billing.
+"""Per-device, per-hour energy buckets: the unit of idempotent billing.
 
-A reading belongs to the UTC day of its timestamp. Each (device, day) bucket records the
+A reading belongs to the UTC hour of its timestamp. Each (device, hour) bucket records the
 reading ids it holds, so adding a reading is one atomic conditional update that does
-nothing the second time. Energy is kept as integer milliwatt-hours so totals are exact
-and the same in any order.
+nothing the second time. Hourly buckets keep that id list short (60 at one reading a
+minute) and are what time-of-use prices are computed from. Energy is kept as integer
+milliwatt-hours so totals are exact and the same in any order.
 """
 
 from __future__ import annotations
@@ -19,51 +20,59 @@ class TransientFailure(Exception):
 
 
 @dataclass(frozen=True)
-class DayKey:
+class HourKey:
     device_id: str
-    day: str  # YYYY-MM-DD, UTC
+    hour: str  # YYYY-MM-DDTHH, UTC
 
     @property
     def bucket_id(self) -> str:
-        return f"{self.device_id}|{self.day}"
+        return f"{self.device_id}|{self.hour}"
 
     @property
     def month(self) -> str:
-        return self.day[:7]
+        return self.hour[:7]
+
+    @property
+    def hour_of_month(self) -> str:
+        """DDHH: the bucket's field in the month's Redis hash."""
+        return self.hour[8:10] + self.hour[11:13]
 
     @classmethod
-    def of(cls, reading: Reading) -> DayKey:
-        return cls(reading.device_id, reading.timestamp.strftime("%Y-%m-%d"))
+    def of(cls, reading: Reading) -> HourKey:
+        return cls(reading.device_id, reading.timestamp.strftime("%Y-%m-%dT%H"))
 
 
 @dataclass(frozen=True)
-class DayTotal:
-    """A bucket's state. ``count`` only grows, so it orders snapshots of the same bucket."""
+class Total:
+    """A bucket's state or a sum of them. ``count`` only grows, so it orders snapshots."""
 
     count: int = 0
     usage_milliwh: int = 0
+
+    def __add__(self, other: Total) -> Total:
+        return Total(self.count + other.count, self.usage_milliwh + other.usage_milliwh)
+
+    @property
+    def usage_kwh(self) -> float:
+        return self.usage_milliwh / MILLIWH_PER_KWH
 
 
 @dataclass(frozen=True)
 class Recorded:
     """The outcome of recording a reading: its bucket after the write, and whether it was new."""
 
-    total: DayTotal
+    total: Total
     duplicate: bool
-
-
-def to_kwh(milliwh: int) -> float:
-    return milliwh / MILLIWH_PER_KWH
 
 
 class Ledger(Protocol):
     """The source of truth (MongoDB)."""
 
     async def record(self, reading: Reading) -> Recorded:
-        """Store the reading once; return its day bucket's total after the write."""
+        """Store the reading once; return its hour bucket's total after the write."""
         ...
 
-    async def day_total(self, key: DayKey) -> DayTotal: ...
+    async def hour_total(self, key: HourKey) -> Total: ...
 
     async def latest(self, device_id: str) -> Reading | None: ...
 
@@ -71,6 +80,6 @@ class Ledger(Protocol):
 class Cache(Protocol):
     """The derivable copy (Redis)."""
 
-    async def put_day_total(self, key: DayKey, total: DayTotal) -> None: ...
+    async def put_hour_total(self, key: HourKey, total: Total) -> None: ...
 
     async def put_latest(self, reading: Reading) -> None: ...

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.app import BillingApp
-from billing_service.domain.ledger import DayKey, DayTotal
+from billing_service.domain.ledger import HourKey, Total
 from billing_service.settings import BillingSettings
 from common.messages import encode_reading
 from common.models import Reading, validate_reading
@@ -107,9 +107,9 @@ async def test_the_same_reading_delivered_three_times_is_counted_once(billing, p
         what="three deliveries processed",
     )
     assert await billing.ledger.readings.count_documents({}) == 1
-    key = DayKey.of(r)
-    assert await billing.ledger.day_total(key) == DayTotal(1, 1_250_000)
-    assert await billing.cache.month_to_date("meter-1", key.month) == DayTotal(1, 1_250_000)
+    key = HourKey.of(r)
+    assert await billing.ledger.hour_total(key) == Total(1, 1_250_000)
+    assert await billing.cache.month_to_date("meter-1", key.month) == Total(1, 1_250_000)
     assert await billing.cache.latest("meter-1") == r
     assert await ready_count(Topology(prefix).billing_queue) == 0
 
@@ -124,13 +124,13 @@ async def test_month_to_date_in_redis_equals_mongodb_in_any_order(billing, prefi
         encode_reading(r) for r in readings[::4]
     ]
     await publish(prefix, bodies)
-    month = DayKey.of(readings[0]).month
+    month = HourKey.of(readings[0]).month
 
     async def all_billed() -> bool:
         return (await billing.ledger.month_total("meter-1", month)).count == 30
 
     await wait_until(all_billed, what="30 readings billed")
-    expected = DayTotal(30, sum(r.usage_milliwh for r in readings))
+    expected = Total(30, sum(r.usage_milliwh for r in readings))
     assert await billing.ledger.month_total("meter-1", month) == expected
     await wait_until(
         lambda: _equals_total(billing, month, expected), what="Redis month-to-date"
@@ -138,7 +138,7 @@ async def test_month_to_date_in_redis_equals_mongodb_in_any_order(billing, prefi
     assert await billing.cache.latest("meter-1") == readings[-1]
 
 
-async def _equals_total(billing: BillingApp, month: str, expected: DayTotal) -> bool:
+async def _equals_total(billing: BillingApp, month: str, expected: Total) -> bool:
     return await billing.cache.month_to_date("meter-1", month) == expected
 
 
@@ -168,7 +168,7 @@ async def test_a_poison_message_goes_to_the_dead_letter_queue_with_its_reason(
     assert {m.body for m in dead} == {b"{not json", b'{"schema_version": 9}'}
 
     async def good_billed() -> bool:
-        return await billing.ledger.day_total(DayKey.of(good)) == DayTotal(1, good.usage_milliwh)
+        return await billing.ledger.hour_total(HourKey.of(good)) == Total(1, good.usage_milliwh)
 
     await wait_until(good_billed, what="the good neighbour billed")
 
@@ -242,7 +242,7 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
     await app.start()
     try:
         async def billed_once() -> bool:
-            return await app.ledger.day_total(DayKey.of(r)) == DayTotal(1, 3_500_000)
+            return await app.ledger.hour_total(HourKey.of(r)) == Total(1, 3_500_000)
 
         await wait_until(billed_once, what="the reading billed after MongoDB returned")
         assert await app.ledger.readings.count_documents({}) == 1

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from billing_service.domain.ledger import DayKey, DayTotal
+from billing_service.domain.ledger import HourKey, Total
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.models import Reading, validate_reading
 from tests.conftest import wait_until
@@ -94,11 +94,11 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
     ledger, cache = stack.ledger(), stack.cache()
     try:
         assert await ledger.readings.count_documents({}) == 1000
-        expected: dict[tuple[str, str], DayTotal] = defaultdict(DayTotal)
+        expected: dict[tuple[str, str], Total] = defaultdict(Total)
         for r in readings:
-            key = (r.device_id, DayKey.of(r).month)
+            key = (r.device_id, HourKey.of(r).month)
             total = expected[key]
-            expected[key] = DayTotal(total.count + 1, total.usage_milliwh + r.usage_milliwh)
+            expected[key] = Total(total.count + 1, total.usage_milliwh + r.usage_milliwh)
         for (device_id, month), total in expected.items():
             assert await ledger.month_total(device_id, month) == total, device_id
             assert await cache.month_to_date(device_id, month) == total, device_id

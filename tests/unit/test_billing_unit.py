@@ -13,7 +13,7 @@ from mongomock_motor import AsyncMongoMockClient
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.consumer import BillingHandler
-from billing_service.domain.ledger import DayKey, DayTotal, TransientFailure
+from billing_service.domain.ledger import HourKey, Total, TransientFailure
 from common.models import Reading, validate_reading
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -31,8 +31,8 @@ def ledger() -> MongoLedger:
 async def test_a_reading_recorded_three_times_counts_once(ledger: MongoLedger) -> None:
     first = await ledger.record(reading(1))
     again = [await ledger.record(reading(1)) for _ in range(2)]
-    assert first.duplicate is False and first.total == DayTotal(1, 500_000)
-    assert all(r.duplicate and r.total == DayTotal(1, 500_000) for r in again)
+    assert first.duplicate is False and first.total == Total(1, 500_000)
+    assert all(r.duplicate and r.total == Total(1, 500_000) for r in again)
     assert await ledger.readings.count_documents({}) == 1
 
 
@@ -42,16 +42,16 @@ async def test_totals_are_the_same_in_any_order(ledger: MongoLedger) -> None:
         await ledger.record(r)
     for r in readings[::3]:
         await ledger.record(r)
-    total = await ledger.day_total(DayKey("meter-1", "2026-11-22"))
-    assert total == DayTotal(10, sum(r.usage_milliwh for r in readings))
+    total = await ledger.hour_total(HourKey("meter-1", "2026-11-22T11"))
+    assert total == Total(10, sum(r.usage_milliwh for r in readings))
 
 
 async def test_month_total_and_latest(ledger: MongoLedger) -> None:
     await ledger.record(reading(5, 1.0, day=21))
     await ledger.record(reading(7, 2.0, day=22))
     await ledger.record(reading(6, 4.0, day=22))
-    assert await ledger.month_total("meter-1", "2026-11") == DayTotal(3, 7_000_000)
-    assert await ledger.month_total("meter-1", "2026-10") == DayTotal()
+    assert await ledger.month_total("meter-1", "2026-11") == Total(3, 7_000_000)
+    assert await ledger.month_total("meter-1", "2026-10") == Total()
     latest = await ledger.latest("meter-1")
     assert latest == reading(7, 2.0, day=22)
 
@@ -68,8 +68,8 @@ class FlakyLedger:
             raise TransientFailure("MongoDB: connection refused")
         return await self.inner.record(reading)
 
-    async def day_total(self, key: DayKey) -> DayTotal:
-        return await self.inner.day_total(key)
+    async def hour_total(self, key: HourKey) -> Total:
+        return await self.inner.hour_total(key)
 
     async def latest(self, device_id: str) -> Reading | None:
         return await self.inner.latest(device_id)
@@ -78,13 +78,13 @@ class FlakyLedger:
 class MemoryCache:
     def __init__(self) -> None:
         self.down = False
-        self.days: dict[DayKey, DayTotal] = {}
+        self.hours: dict[HourKey, Total] = {}
         self.latest: dict[str, Reading] = {}
 
-    async def put_day_total(self, key: DayKey, total: DayTotal) -> None:
+    async def put_hour_total(self, key: HourKey, total: Total) -> None:
         if self.down:
             raise TransientFailure("Redis: connection refused")
-        self.days[key] = total
+        self.hours[key] = total
 
     async def put_latest(self, reading: Reading) -> None:
         if self.down:
@@ -97,7 +97,7 @@ async def test_a_transient_ledger_failure_is_retried_until_it_succeeds(ledger: M
     handler = BillingHandler(flaky, cache, retry_max_delay_s=0.01, cache_retry_s=1)
     await handler(reading(1))
     assert flaky.calls == 4
-    assert cache.days[DayKey("meter-1", "2026-11-22")] == DayTotal(1, 500_000)
+    assert cache.hours[HourKey("meter-1", "2026-11-22T11")] == Total(1, 500_000)
 
 
 async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedger) -> None:
@@ -106,15 +106,15 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
     handler = BillingHandler(ledger, cache, retry_max_delay_s=0.01, cache_retry_s=0.05)
     await handler(reading(1))
     await handler(reading(2))
-    assert await ledger.day_total(DayKey("meter-1", "2026-11-22")) == DayTotal(2, 1_000_000)
-    assert cache.days == {}
+    assert await ledger.hour_total(HourKey("meter-1", "2026-11-22T11")) == Total(2, 1_000_000)
+    assert cache.hours == {}
     cache.down = False
     refresher = asyncio.create_task(handler.refresh_stale(interval_s=0.01))
     try:
         async with asyncio.timeout(5):
-            while not cache.days:
+            while not cache.hours:
                 await asyncio.sleep(0.01)
     finally:
         refresher.cancel()
-    assert cache.days[DayKey("meter-1", "2026-11-22")] == DayTotal(2, 1_000_000)
+    assert cache.hours[HourKey("meter-1", "2026-11-22T11")] == Total(2, 1_000_000)
     assert cache.latest["meter-1"].reading_id == reading(2).reading_id
