@@ -2,10 +2,10 @@
 
 import asyncio
 
-from common.logging import configure_logging
-from common.settings import load_settings
 from analytics_service import app
 from analytics_service.settings import AnalyticsSettings
+from common.logging import configure_logging
+from common.settings import load_settings
 
 
 def main() -> None:

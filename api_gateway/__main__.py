@@ -2,10 +2,10 @@
 
 import asyncio
 
-from common.logging import configure_logging
-from common.settings import load_settings
 from api_gateway import app
 from api_gateway.settings import GatewaySettings
+from common.logging import configure_logging
+from common.settings import load_settings
 
 
 def main() -> None:

@@ -86,7 +86,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
 
     async def _forward(
-        self, readings: list[Reading], context: grpc.aio.ServicerContext, accepted_before: int | None
+        self,
+        readings: list[Reading],
+        context: grpc.aio.ServicerContext,
+        accepted_before: int | None,
     ) -> None:
         try:
             await self._ingestion.publish(readings)

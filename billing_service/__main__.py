@@ -2,10 +2,10 @@
 
 import asyncio
 
-from common.logging import configure_logging
-from common.settings import load_settings
 from billing_service import app
 from billing_service.settings import BillingSettings
+from common.logging import configure_logging
+from common.settings import load_settings
 
 
 def main() -> None:

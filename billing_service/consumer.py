@@ -13,14 +13,16 @@ import logging
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from billing_service.domain.ledger import Cache, HourKey, Total, Ledger, TransientFailure
+from billing_service.domain.ledger import Cache, HourKey, Ledger, Total, TransientFailure
 from common.models import Reading
 
 log = logging.getLogger(__name__)
 
 READINGS = Counter("billing_readings_total", "Readings recorded, by result.", ["result"])
 RETRIES = Counter("billing_store_retries_total", "Retries after a transient store failure.")
-CACHE_DEFERRED = Counter("billing_cache_deferred_total", "Redis updates deferred while it was down.")
+CACHE_DEFERRED = Counter(
+    "billing_cache_deferred_total", "Redis updates deferred while it was down."
+)
 CACHE_STALE = Gauge(
     "billing_cache_stale_buckets", "Device-hours whose Redis snapshot awaits a refresh."
 )

@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from common.models import Limits, Reading, validate_reading
+from common.models import DEFAULT_LIMITS, Limits, Reading, validate_reading
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -34,7 +34,7 @@ def encode_reading(reading: Reading) -> bytes:
     ).encode()
 
 
-def decode_reading(body: bytes, *, now: datetime, limits: Limits = Limits()) -> Reading:
+def decode_reading(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMITS) -> Reading:
     """Parse and re-validate a message body; raise PoisonMessage with the reason if it is bad."""
     try:
         data: Any = json.loads(body)

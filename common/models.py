@@ -38,6 +38,9 @@ class Limits:
     max_future_skew: timedelta = timedelta(minutes=15)
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class Reading:
     """A validated reading: ``usage_kwh`` used in the interval that ends at ``timestamp``."""
@@ -66,7 +69,7 @@ def validate_reading(
     reading_id: str = "",
     *,
     now: datetime,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Reading:
     """Check every field and return a Reading with its reading_id set, or raise InvalidReading."""
     if not device_id:

@@ -94,7 +94,7 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> Decl
 
 
 async def connect(url: str) -> AbstractRobustConnection:
-    """A robust connection (it reconnects by itself), retried with backoff until the broker answers."""
+    """A robust connection (it reconnects by itself), retried with backoff until it is up."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type((OSError, AMQPError, asyncio.TimeoutError)),
         wait=wait_exponential(multiplier=0.5, max=10),

@@ -12,7 +12,7 @@ import sys
 from datetime import timedelta
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.models import Limits
@@ -30,13 +30,22 @@ class ServiceSettings(BaseSettings):
         "INFO", validation_alias="LOG_LEVEL"
     )
     max_usage_kwh: float = Field(
-        1_000_000.0, gt=0, validation_alias="READING_MAX_USAGE_KWH",
+        1_000_000.0,
+        gt=0,
+        validation_alias="READING_MAX_USAGE_KWH",
         description="largest usage_kwh one reading may carry",
     )
     max_future_skew_s: float = Field(
-        900.0, ge=0, validation_alias="READING_MAX_FUTURE_SKEW_S",
+        900.0,
+        ge=0,
+        validation_alias="READING_MAX_FUTURE_SKEW_S",
         description="how far ahead of the server clock a reading's timestamp may be",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def limits(self) -> Limits:
@@ -50,11 +59,14 @@ class BrokerSettings(ServiceSettings):
     """Services that talk to RabbitMQ."""
 
     rabbitmq_url: str = Field(
-        "amqp://guest:guest@127.0.0.1:5672/", pattern="^amqps?://",
+        "amqp://guest:guest@127.0.0.1:5672/",
+        pattern="^amqps?://",
         validation_alias="RABBITMQ_URL",
     )
     topology_prefix: str = Field(
-        "", pattern=r"^[A-Za-z0-9._-]*$", validation_alias="TOPOLOGY_PREFIX",
+        "",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        validation_alias="TOPOLOGY_PREFIX",
         description="prefix for exchange and queue names, to isolate tests on one broker",
     )
 

@@ -47,8 +47,10 @@ class IngestionApp:
         while True:
             if self.publisher.connected != serving:
                 serving = self.publisher.connected
-                status = health_pb2.HealthCheckResponse.SERVING if serving else (
-                    health_pb2.HealthCheckResponse.NOT_SERVING
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if serving
+                    else (health_pb2.HealthCheckResponse.NOT_SERVING)
                 )
                 for name in ("", SERVICE_NAME):
                     await self.grpc.health.set(name, status)

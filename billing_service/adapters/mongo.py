@@ -30,7 +30,7 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from billing_service.domain.ledger import HourKey, Total, Recorded, TransientFailure
+from billing_service.domain.ledger import HourKey, Recorded, Total, TransientFailure
 from common.models import Reading
 
 TRANSIENT_ERRORS = (
@@ -105,7 +105,9 @@ class MongoLedger:
         create = {"device_id": key.device_id, "hour": key.hour, "month": key.month}
         try:
             bucket = await self.device_hours.find_one_and_update(
-                holds_not, {**add, "$setOnInsert": create}, upsert=True,
+                holds_not,
+                {**add, "$setOnInsert": create},
+                upsert=True,
                 return_document=ReturnDocument.AFTER,
             )
         except DuplicateKeyError:

@@ -29,7 +29,8 @@ CONFIRM_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 BATCH_SIZE = Histogram(
-    "ingestion_publish_batch_size", "Readings per publish call.",
+    "ingestion_publish_batch_size",
+    "Readings per publish call.",
     buckets=(1, 2, 5, 10, 50, 100, 250, 500, 1000, 5000),
 )
 
@@ -58,7 +59,7 @@ class RabbitPublisher:
         self._connecting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect in the background, so the service serves (UNAVAILABLE) while the broker is down."""
+        """Connect in the background: while the broker is down, publish answers UNAVAILABLE."""
         self._connecting = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:

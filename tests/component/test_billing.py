@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -102,8 +101,9 @@ async def test_the_same_reading_delivered_three_times_is_counted_once(billing, p
     r = reading(kwh=1.25)
     await publish(prefix, [encode_reading(r)] * 3)
     await wait_until(
-        lambda: _equals(REGISTRY.get_sample_value(
-            "billing_readings_total", {"result": "duplicate"}), before + 2),
+        lambda: _equals(
+            REGISTRY.get_sample_value("billing_readings_total", {"result": "duplicate"}), before + 2
+        ),
         what="three deliveries processed",
     )
     assert await billing.ledger.readings.count_documents({}) == 1
@@ -132,9 +132,7 @@ async def test_month_to_date_in_redis_equals_mongodb_in_any_order(billing, prefi
     await wait_until(all_billed, what="30 readings billed")
     expected = Total(30, sum(r.usage_milliwh for r in readings))
     assert await billing.ledger.month_total("meter-1", month) == expected
-    await wait_until(
-        lambda: _equals_total(billing, month, expected), what="Redis month-to-date"
-    )
+    await wait_until(lambda: _equals_total(billing, month, expected), what="Redis month-to-date")
     assert await billing.cache.latest("meter-1") == readings[-1]
 
 
@@ -180,17 +178,23 @@ class FerretDB:
         self.binary = shutil.which("ferretdb") or os.path.expanduser("~/go/bin/ferretdb")
         self.port = free_port()
         self.data_dir = data_dir
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
 
     async def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--handler=sqlite", f"--sqlite-url=file:{self.data_dir}/",
-             f"--listen-addr=127.0.0.1:{self.port}", "--debug-addr=-", "--telemetry=disable",
-             "--log-level=error"],
+        self.process = await asyncio.create_subprocess_exec(
+            *[
+                self.binary,
+                "--handler=sqlite",
+                f"--sqlite-url=file:{self.data_dir}/",
+                f"--listen-addr=127.0.0.1:{self.port}",
+                "--debug-addr=-",
+                "--telemetry=disable",
+                "--log-level=error",
+            ],
         )
 
         async def listening() -> bool:
@@ -203,18 +207,18 @@ class FerretDB:
 
         await wait_until(listening, timeout_s=30, what="private FerretDB listening")
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         assert self.process is not None
         self.process.terminate()
-        self.process.wait(timeout=10)
+        await asyncio.wait_for(self.process.wait(), timeout=10)
 
 
 @pytest.fixture
-def ferretdb(tmp_path: Path) -> Iterator[FerretDB]:
+async def ferretdb(tmp_path: Path) -> AsyncIterator[FerretDB]:
     server = FerretDB(tmp_path)
     yield server
-    if server.process is not None and server.process.poll() is None:
-        server.stop()
+    if server.process is not None and server.process.returncode is None:
+        await server.stop()
 
 
 async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeeds(
@@ -223,7 +227,7 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
     await ferretdb.start()
     app = BillingApp(settings(prefix, mongodb_url=ferretdb.url))
     await app.start()
-    ferretdb.stop()
+    await ferretdb.stop()
     retries_before = REGISTRY.get_sample_value("billing_store_retries_total") or 0
     r = reading(kwh=3.5)
     await publish(prefix, [encode_reading(r)])
@@ -241,6 +245,7 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
     app = BillingApp(settings(prefix, mongodb_url=ferretdb.url))
     await app.start()
     try:
+
         async def billed_once() -> bool:
             return await app.ledger.hour_total(HourKey.of(r)) == Total(1, 3_500_000)
 

@@ -31,13 +31,15 @@ def request(device: str = "meter-1", minutes: int = 0, kwh: float = 1.5, **kw: o
 
 async def start_pipeline(prefix: str, rabbitmq_url: str = RABBITMQ_URL, ingestion_addr=None):
     ingestion = IngestionApp(
-        IngestionSettings(port=0, topology_prefix=prefix, rabbitmq_url=rabbitmq_url,
-                          confirm_timeout_s=3)
+        IngestionSettings(
+            port=0, topology_prefix=prefix, rabbitmq_url=rabbitmq_url, confirm_timeout_s=3
+        )
     )
     await ingestion.start()
     gateway = GatewayApp(
         GatewaySettings(
-            port=0, batch_size=7,
+            port=0,
+            batch_size=7,
             ingestion_addr=ingestion_addr or f"127.0.0.1:{ingestion.port}",
             ingestion_timeout_s=3,
         )

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -30,7 +30,8 @@ class Stack:
     prefix: str
     log_dir: Path
     ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    log_files: list[IO[bytes]] = field(default_factory=list)
 
     @property
     def gateway(self) -> str:
@@ -55,14 +56,20 @@ class Stack:
         }
 
     async def start(self) -> None:
-        for name in ("GATEWAY_PORT", "GATEWAY_METRICS_PORT", "INGESTION_PORT",
-                     "INGESTION_METRICS_PORT", "BILLING_PORT", "BILLING_METRICS_PORT",
-                     "ANALYTICS_METRICS_PORT"):
+        for name in (
+            "GATEWAY_PORT",
+            "GATEWAY_METRICS_PORT",
+            "INGESTION_PORT",
+            "INGESTION_METRICS_PORT",
+            "BILLING_PORT",
+            "BILLING_METRICS_PORT",
+            "ANALYTICS_METRICS_PORT",
+        ):
             self.ports[name] = free_port()
         for service in SERVICES:
-            log = open(self.log_dir / f"{service}.log", "wb")  # noqa: SIM115 - closed with the process
-            self.processes[service] = subprocess.Popen(
-                [sys.executable, "-m", service], env=self.env(), stdout=log, stderr=log
+            log = self._open_log(service)
+            self.processes[service] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", service, env=self.env(), stdout=log, stderr=log
             )
         probes = [
             lambda: check_grpc(f"127.0.0.1:{self.ports['INGESTION_PORT']}"),
@@ -78,9 +85,14 @@ class Stack:
             await asyncio.sleep(0.1)
         raise AssertionError(f"stack not healthy in 30 s: {problems}\n{self.logs()}")
 
+    def _open_log(self, service: str) -> IO[bytes]:
+        log = (self.log_dir / f"{service}.log").open("wb")
+        self.log_files.append(log)
+        return log
+
     def assert_running(self) -> None:
         for service, process in self.processes.items():
-            if process.poll() is not None:
+            if process.returncode is not None:
                 raise AssertionError(f"{service} exited {process.returncode}\n{self.logs()}")
 
     def metrics_url(self, service: str) -> str:
@@ -103,13 +115,16 @@ class Stack:
 
     async def stop(self) -> None:
         for process in self.processes.values():
-            if process.poll() is None:
+            if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
         for process in self.processes.values():
             try:
-                await asyncio.to_thread(process.wait, 20)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(process.wait(), timeout=20)
+            except TimeoutError:
                 process.kill()
+                await process.wait()
+        for log in self.log_files:
+            log.close()
 
     def ledger(self) -> MongoLedger:
         return MongoLedger.connect(MONGODB_URL, self.database, timeout_s=5)

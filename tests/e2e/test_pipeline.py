@@ -29,7 +29,9 @@ def fleet() -> list[Reading]:
     start = now.replace(second=0, microsecond=0) - timedelta(hours=3)
     return [
         validate_reading(
-            f"e2e-meter-{d:02d}", start + timedelta(minutes=5 * i), round(0.05 + 0.013 * d + 0.001 * i, 4),
+            f"e2e-meter-{d:02d}",
+            start + timedelta(minutes=5 * i),
+            round(0.05 + 0.013 * d + 0.001 * i, 4),
             now=now,
         )
         for d in range(DEVICES)
@@ -77,9 +79,7 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         await asyncio.gather(send_one_by_one(stub, by_unary), send_streams(stub, by_stream))
-        await asyncio.gather(
-            send_one_by_one(stub, resent_unary), send_streams(stub, resent_stream)
-        )
+        await asyncio.gather(send_one_by_one(stub, resent_unary), send_streams(stub, resent_stream))
     delivered = len(readings) + len(resent_unary) + len(resent_stream)
     assert (len(readings), delivered) == (1000, 1150)
 
@@ -103,7 +103,9 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
             assert await ledger.month_total(device_id, month) == total, device_id
             assert await cache.month_to_date(device_id, month) == total, device_id
         for device_id in {r.device_id for r in readings}:
-            newest = max((r for r in readings if r.device_id == device_id), key=lambda r: r.timestamp)
+            newest = max(
+                (r for r in readings if r.device_id == device_id), key=lambda r: r.timestamp
+            )
             assert await cache.latest(device_id) == newest
     finally:
         ledger.close()
@@ -123,6 +125,7 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
     assert await stack.metric("GATEWAY", "gateway_readings_accepted_total") == delivered
     assert await stack.metric("INGESTION", "ingestion_published_total") == delivered
     assert await stack.metric(
-        "GATEWAY", "grpc_server_handled_total",
+        "GATEWAY",
+        "grpc_server_handled_total",
         {"grpc_method": "SendReadings", "grpc_code": "OK"},
     ) == DEVICES // 2 + len({r.device_id for r in resent_stream})

@@ -15,6 +15,7 @@ from billing_service.adapters.mongo import MongoLedger
 from billing_service.consumer import BillingHandler
 from billing_service.domain.ledger import HourKey, Total, TransientFailure
 from common.models import Reading, validate_reading
+from tests.conftest import wait_until
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -111,10 +112,12 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
     cache.down = False
     refresher = asyncio.create_task(handler.refresh_stale(interval_s=0.01))
     try:
-        async with asyncio.timeout(5):
-            while not cache.hours:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: _has_entries(cache), timeout_s=5, what="cache refreshed")
     finally:
         refresher.cancel()
     assert cache.hours[HourKey("meter-1", "2026-11-22T11")] == Total(2, 1_000_000)
     assert cache.latest["meter-1"].reading_id == reading(2).reading_id
+
+
+async def _has_entries(cache: MemoryCache) -> bool:
+    return bool(cache.hours)

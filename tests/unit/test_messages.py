@@ -52,8 +52,11 @@ def body(**changes: object) -> bytes:
         (body(timestamp="yesterday"), "not ISO-8601"),
         (body(usage_kwh=-1), "cannot be negative"),
         (body(device_id="a b"), "device_id"),
-        (b'{"schema_version":1,"reading_id":"r","device_id":"d","timestamp":"2026-11-22T11:00:00Z",'
-         b'"usage_kwh":NaN}', "finite"),
+        (
+            b'{"schema_version":1,"reading_id":"r","device_id":"d","timestamp":"2026-11-22T11:00:00Z",'
+            b'"usage_kwh":NaN}',
+            "finite",
+        ),
     ],
 )
 def test_poison_bodies_are_refused_with_a_reason(raw: bytes, reason: str) -> None:

@@ -7,13 +7,19 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from common.models import InvalidReading, Limits, derive_reading_id, validate_reading
+from common.models import (
+    DEFAULT_LIMITS,
+    InvalidReading,
+    Limits,
+    derive_reading_id,
+    validate_reading,
+)
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 T = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
 
 
-def check(device_id="meter-1", timestamp=T, usage_kwh=1.5, reading_id="", limits=Limits()):
+def check(device_id="meter-1", timestamp=T, usage_kwh=1.5, reading_id="", limits=DEFAULT_LIMITS):
     return validate_reading(device_id, timestamp, usage_kwh, reading_id, now=NOW, limits=limits)
 
 

@@ -20,8 +20,8 @@ from scripts.simulate import (
     FleetConfig,
     FleetSummary,
     due_at,
-    fleet_batches,
     first_timestamp,
+    fleet_batches,
     percentile,
     run_fleet,
 )
