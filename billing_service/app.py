@@ -63,8 +63,10 @@ class BillingApp:
         log.info("billing consuming", extra={"port": self.port})
 
     async def stop(self) -> None:
-        await self.grpc.stop(self.settings.shutdown_grace_s)
-        await self.consumer.stop(self.settings.shutdown_grace_s)
+        await asyncio.gather(
+            self.grpc.stop(self.settings.shutdown_grace_s),
+            self.consumer.stop(self.settings.shutdown_grace_s),
+        )
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -27,6 +27,7 @@ from tests.conftest import (
     REDIS_URL,
     delete_topology,
     free_port,
+    ready_count,
     wait_until,
 )
 
@@ -61,14 +62,6 @@ async def publish(prefix: str, bodies: list[bytes]) -> None:
         for body in bodies:
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             await exchange.publish(message, ROUTING_KEY)
-
-
-async def ready_count(queue_name: str) -> int:
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
 
 
 @pytest.fixture
