@@ -16,7 +16,7 @@ RATE ?= 200
 DURATION ?= 30
 TARGET ?= 127.0.0.1:50051
 
-.PHONY: help install proto services dev simulate test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev simulate bench test test-unit lint fmt up down compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ dev: proto services ## Run the four services as local processes (Ctrl-C stops th
 
 simulate: install ## Virtual loggers against the gateway: DEVICES, RATE (readings/s), DURATION (s)
 	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET)
+
+bench: install ## Load a running gateway (make dev): unary, then streams of 100; prints readings/s
+	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-unary
+	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-batch --batch 100
 
 test: proto services ## Everything: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest
