@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
@@ -56,6 +57,12 @@ class BillingHandler:
 
     async def _update_cache(self, reading: Reading, total: Total) -> None:
         key = HourKey.of(reading)
+        if self._stale:
+            # Redis failed and the refresher has not caught up: don't make every reading
+            # wait out the retry; the refresher rewrites this bucket from MongoDB.
+            CACHE_DEFERRED.inc()
+            self._stale.add(key)
+            return
         try:
             async with asyncio.timeout(self._cache_retry_s):
                 async for attempt in AsyncRetrying(
@@ -88,7 +95,7 @@ class BillingHandler:
                 self._stale.discard(key)
 
 
-def _log_retry(reading: Reading):  # type: ignore[no-untyped-def]
+def _log_retry(reading: Reading) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         RETRIES.inc()
         log.warning(

@@ -11,7 +11,9 @@ Keys (``prefix`` defaults to ``energy:``):
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -19,6 +21,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from billing_service.domain.ledger import HourKey, Total, TransientFailure
 from common.models import Reading
+
+T = TypeVar("T")
 
 PUT_HOUR_TOTAL = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -98,7 +102,7 @@ class RedisCache:
             reading_id=fields["reading_id"],
         )
 
-    async def _call(self, awaitable):  # type: ignore[no-untyped-def]
+    async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:

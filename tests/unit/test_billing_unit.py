@@ -79,10 +79,12 @@ class FlakyLedger:
 class MemoryCache:
     def __init__(self) -> None:
         self.down = False
+        self.attempts = 0
         self.hours: dict[HourKey, Total] = {}
         self.latest: dict[str, Reading] = {}
 
     async def put_hour_total(self, key: HourKey, total: Total) -> None:
+        self.attempts += 1
         if self.down:
             raise TransientFailure("Redis: connection refused")
         self.hours[key] = total
@@ -106,7 +108,10 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
     cache.down = True
     handler = BillingHandler(ledger, cache, retry_max_delay_s=0.01, cache_retry_s=0.05)
     await handler(reading(1))
+    attempts_while_down = cache.attempts
+    assert attempts_while_down >= 1
     await handler(reading(2))
+    assert cache.attempts == attempts_while_down, "a known outage is not retried per reading"
     assert await ledger.hour_total(HourKey("meter-1", "2026-11-22T11")) == Total(2, 1_000_000)
     assert cache.hours == {}
     cache.down = False
