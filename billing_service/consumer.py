@@ -14,7 +14,7 @@ from collections.abc import Callable
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from billing_service.domain.ledger import Cache, HourKey, Ledger, Total, TransientFailure
+from billing_service.domain.ledger import Cache, Ledger, SlotKey, Total, TransientFailure
 from common.models import Reading
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class BillingHandler:
         self._cache = cache
         self._retry_max_delay_s = retry_max_delay_s
         self._cache_retry_s = cache_retry_s
-        self._stale: set[HourKey] = set()
+        self._stale: set[SlotKey] = set()
         CACHE_STALE.set_function(lambda: len(self._stale))
 
     async def __call__(self, reading: Reading) -> None:
@@ -56,7 +56,7 @@ class BillingHandler:
         await self._update_cache(reading, recorded.total)
 
     async def _update_cache(self, reading: Reading, total: Total) -> None:
-        key = HourKey.of(reading)
+        key = SlotKey.of(reading)
         if self._stale:
             # Redis failed and the refresher has not caught up: don't make every reading
             # wait out the retry; the refresher rewrites this bucket from MongoDB.
@@ -70,7 +70,7 @@ class BillingHandler:
                     wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 ):
                     with attempt:
-                        await self._cache.put_hour_total(key, total)
+                        await self._cache.put_slot_total(key, total)
                         await self._cache.put_latest(reading)
         except (TransientFailure, TimeoutError) as error:
             log.warning(
@@ -86,7 +86,7 @@ class BillingHandler:
             await asyncio.sleep(interval_s)
             for key in list(self._stale):
                 try:
-                    await self._cache.put_hour_total(key, await self._ledger.hour_total(key))
+                    await self._cache.put_slot_total(key, await self._ledger.slot_total(key))
                     latest = await self._ledger.latest(key.device_id)
                     if latest is not None:
                         await self._cache.put_latest(latest)

@@ -2,7 +2,7 @@
 
 Idempotency without transactions (FerretDB and standalone MongoDB have none):
 1. ``readings``: one document per reading, ``_id`` = reading_id; a repeat is a duplicate key.
-2. ``device_hours``: one bucket per device and UTC hour with the ids it holds; a reading is
+2. ``device_slots``: one bucket per device and 15-minute slot with the ids it holds; a reading is
    added by one conditional update (``reading_ids: {$ne: id}``), so no total is counted
    twice; the upsert that creates a bucket is told apart from a redelivery on conflict.
 Each write is idempotent on its own, so a crash between them is healed by the redelivery.
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from datetime import UTC
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
@@ -30,7 +31,7 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from billing_service.domain.ledger import HourKey, Recorded, Total, TransientFailure
+from billing_service.domain.ledger import Recorded, SlotKey, Total, TransientFailure
 from common.models import Reading
 
 TRANSIENT_ERRORS = (
@@ -43,6 +44,21 @@ TRANSIENT_ERRORS = (
 )
 
 
+@dataclass(frozen=True)
+class SlotRow:
+    """One stored slot: its energy and the smallest and largest reading in it."""
+
+    start: datetime
+    total: Total
+    min_milliwh: int
+    max_milliwh: int
+
+
+def _utc(value: datetime) -> datetime:
+    """motor is tz_aware; mongomock hands back naive UTC datetimes."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class MongoLedger:
     """Readings and per-device daily buckets in MongoDB."""
 
@@ -52,7 +68,7 @@ class MongoLedger:
             weakref.WeakValueDictionary()
         )
         self.readings = database["readings"]
-        self.device_hours = database["device_hours"]
+        self.device_slots = database["device_slots"]
 
     @classmethod
     def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
@@ -70,12 +86,12 @@ class MongoLedger:
     async def ensure_indexes(self) -> None:
         try:
             await self.readings.create_index([("device_id", ASCENDING), ("timestamp", ASCENDING)])
-            await self.device_hours.create_index([("device_id", ASCENDING), ("month", ASCENDING)])
+            await self.device_slots.create_index([("device_id", ASCENDING), ("start", ASCENDING)])
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
 
     async def record(self, reading: Reading) -> Recorded:
-        key = HourKey.of(reading)
+        key = SlotKey.of(reading)
         try:
             try:
                 await self.readings.insert_one(
@@ -95,16 +111,19 @@ class MongoLedger:
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
 
-    async def _add_to_bucket(self, key: HourKey, reading: Reading) -> Recorded:
+    async def _add_to_bucket(self, key: SlotKey, reading: Reading) -> Recorded:
         """Add the reading to its bucket unless the bucket holds it already."""
         holds_not = {"_id": key.bucket_id, "reading_ids": {"$ne": reading.reading_id}}
         add = {
             "$push": {"reading_ids": reading.reading_id},
             "$inc": {"count": 1, "usage_milliwh": reading.usage_milliwh},
+            # $min and $max are idempotent: safe even on a redelivery.
+            "$min": {"min_milliwh": reading.usage_milliwh},
+            "$max": {"max_milliwh": reading.usage_milliwh},
         }
-        create = {"device_id": key.device_id, "hour": key.hour, "month": key.month}
+        create = {"device_id": key.device_id, "start": key.start}
         try:
-            bucket = await self.device_hours.find_one_and_update(
+            bucket = await self.device_slots.find_one_and_update(
                 holds_not,
                 {**add, "$setOnInsert": create},
                 upsert=True,
@@ -114,31 +133,38 @@ class MongoLedger:
             # The bucket exists: either it holds the reading (a redelivery), or a concurrent
             # first reading created it between our match and insert. Now that it exists, a
             # plain conditional update tells the two apart.
-            bucket = await self.device_hours.find_one_and_update(
+            bucket = await self.device_slots.find_one_and_update(
                 holds_not, add, return_document=ReturnDocument.AFTER
             )
             if bucket is None:
-                return Recorded(await self.hour_total(key), duplicate=True)
+                return Recorded(await self.slot_total(key), duplicate=True)
         return Recorded(Total(bucket["count"], bucket["usage_milliwh"]), duplicate=False)
 
-    async def hour_total(self, key: HourKey) -> Total:
-        document = await self.device_hours.find_one(
+    async def slot_total(self, key: SlotKey) -> Total:
+        document = await self.device_slots.find_one(
             {"_id": key.bucket_id}, projection={"count": 1, "usage_milliwh": 1}
         )
         if document is None:
             return Total()
         return Total(count=document["count"], usage_milliwh=document["usage_milliwh"])
 
-    async def month_total(self, device_id: str, month: str) -> Total:
-        """Sum of the device's buckets in a month (YYYY-MM, UTC)."""
-        # At most 744 buckets, summed here rather than by $group: FerretDB 1.24 answers
-        # $sum over these integer fields with 0.
-        total = Total()
-        async for bucket in self.device_hours.find(
-            {"device_id": device_id, "month": month}, projection={"count": 1, "usage_milliwh": 1}
+    async def slots(self, device_id: str, start: datetime, end: datetime) -> list[SlotRow]:
+        """The device's slots whose start lies in [start, end), in time order."""
+        rows = []
+        async for bucket in self.device_slots.find(
+            {"device_id": device_id, "start": {"$gte": start, "$lt": end}},
+            projection={"reading_ids": 0},
+            sort=[("start", ASCENDING)],
         ):
-            total += Total(bucket["count"], bucket["usage_milliwh"])
-        return total
+            rows.append(
+                SlotRow(
+                    start=_utc(bucket["start"]),
+                    total=Total(bucket["count"], bucket["usage_milliwh"]),
+                    min_milliwh=bucket["min_milliwh"],
+                    max_milliwh=bucket["max_milliwh"],
+                )
+            )
+        return rows
 
     async def latest(self, device_id: str) -> Reading | None:
         document = await self.readings.find_one(
@@ -146,11 +172,9 @@ class MongoLedger:
         )
         if document is None:
             return None
-        timestamp = document["timestamp"]
         return Reading(
             device_id=document["device_id"],
-            # motor is tz_aware; mongomock hands back naive UTC datetimes
-            timestamp=timestamp.replace(tzinfo=UTC) if timestamp.tzinfo is None else timestamp,
+            timestamp=_utc(document["timestamp"]),
             usage_kwh=document["usage_kwh"],
             reading_id=document["_id"],
         )

@@ -5,13 +5,14 @@ holds (compared inside Redis by a script), so redeliveries, concurrent handlers 
 out-of-order readings cannot make it go backwards or count twice.
 
 Keys (``prefix`` defaults to ``energy:``):
-- ``{prefix}mtd:{device_id}:{YYYY-MM}``  hash  hour ``DDHH`` → ``count:milliwh``
+- ``{prefix}mtd:{device_id}:{YYYY-MM}``  hash  slot ``DDHHMM`` (UTC) → ``count:milliwh``
 - ``{prefix}latest:{device_id}``         hash  reading_id, timestamp, usage_kwh, ts_us
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -19,12 +20,13 @@ import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from billing_service.domain.ledger import HourKey, Total, TransientFailure
+from billing_service.domain.ledger import SlotKey, Total, TransientFailure
 from common.models import Reading
 
 T = TypeVar("T")
+COMPLETE = "complete"  # field marking a month hash as a full copy of MongoDB
 
-PUT_HOUR_TOTAL = """
+PUT_SLOT_TOTAL = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and tonumber(string.match(current, '^(%d+):')) >= tonumber(ARGV[2]) then
   return 0
@@ -46,6 +48,12 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class MonthSlots:
+    slots: dict[datetime, Total]
+    complete: bool
+
+
 class RedisCache:
     """Month-to-date and latest-reading snapshots in Redis."""
 
@@ -54,7 +62,7 @@ class RedisCache:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
         )
         self._prefix = prefix
-        self._put_hour_total = self._redis.register_script(PUT_HOUR_TOTAL)
+        self._put_slot_total = self._redis.register_script(PUT_SLOT_TOTAL)
         self._put_latest = self._redis.register_script(PUT_LATEST)
 
     def month_key(self, device_id: str, month: str) -> str:
@@ -63,11 +71,11 @@ class RedisCache:
     def latest_key(self, device_id: str) -> str:
         return f"{self._prefix}latest:{device_id}"
 
-    async def put_hour_total(self, key: HourKey, total: Total) -> None:
+    async def put_slot_total(self, key: SlotKey, total: Total) -> None:
         await self._call(
-            self._put_hour_total(
+            self._put_slot_total(
                 keys=[self.month_key(key.device_id, key.month)],
-                args=[key.hour_of_month, total.count, total.usage_milliwh],
+                args=[key.field, total.count, total.usage_milliwh],
             )
         )
 
@@ -80,16 +88,35 @@ class RedisCache:
             )
         )
 
-    async def month_to_date(self, device_id: str, month: str) -> Total | None:
-        """The cached month total, or None when nothing is cached for that month."""
-        hours = await self._call(self._redis.hgetall(self.month_key(device_id, month)))
-        if not hours:
-            return None
-        total = Total()
-        for value in hours.values():
+    async def month_slots(self, device_id: str, month: str) -> MonthSlots:
+        """The slot totals cached for a UTC month (YYYY-MM), and whether they are complete.
+
+        Consumers add slots as readings arrive, so a hash may hold only part of a month
+        (after a flush, say). Only ``fill_month``, which copies MongoDB, marks it complete.
+        """
+        fields = await self._call(self._redis.hgetall(self.month_key(device_id, month)))
+        complete = fields.pop(COMPLETE, None) is not None
+        year, month_number = int(month[:4]), int(month[5:7])
+        slots = {}
+        for field, value in fields.items():
             count, milliwh = value.split(":")
-            total += Total(int(count), int(milliwh))
-        return total
+            day, hour, minute = int(field[:2]), int(field[2:4]), int(field[4:6])
+            start = datetime(year, month_number, day, hour, minute, tzinfo=UTC)
+            slots[start] = Total(int(count), int(milliwh))
+        return MonthSlots(slots, complete)
+
+    async def fill_month(self, device_id: str, month: str, slots: dict[datetime, Total]) -> None:
+        """Copy a month's slots from MongoDB and mark the hash complete (newer values stay)."""
+        key = self.month_key(device_id, month)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for start, total in slots.items():
+                await self._put_slot_total(
+                    keys=[key],
+                    args=[start.strftime("%d%H%M"), total.count, total.usage_milliwh],
+                    client=pipe,
+                )
+            pipe.hset(key, COMPLETE, "1")
+            await self._call(pipe.execute())
 
     async def latest(self, device_id: str) -> Reading | None:
         fields = await self._call(self._redis.hgetall(self.latest_key(device_id)))

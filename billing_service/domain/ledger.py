@@ -1,45 +1,60 @@
-"""Per-device, per-hour energy buckets: the unit of idempotent billing.
+"""Per-device, 15-minute energy slots: the unit of idempotent billing.
 
-A reading belongs to the UTC hour of its timestamp. Each (device, hour) bucket records the
-reading ids it holds, so adding a reading is one atomic conditional update that does
-nothing the second time. Hourly buckets keep that id list short (60 at one reading a
-minute) and are what time-of-use prices are computed from. Energy is kept as integer
+A reading's ``usage_kwh`` is the energy of the interval that *ends* at its timestamp, so
+it belongs to the slot holding the instant just before it: a reading stamped 07:00:00 is
+energy used before 07:00. Slots are 15 minutes of UTC; every time zone offset and every
+time-of-use band boundary is a multiple of 15 minutes, so each slot lies in exactly one
+band and one local billing month, whatever the tariff.
+
+Each (device, slot) bucket records the reading ids it holds, so adding a reading is one
+atomic conditional update that does nothing the second time. Energy is kept as integer
 milliwatt-hours so totals are exact and the same in any order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from common.models import MILLIWH_PER_KWH, Reading
+
+SLOT = timedelta(minutes=15)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class TransientFailure(Exception):
     """A store is unreachable or timed out: retry later, the reading must not be lost."""
 
 
+def slot_start(timestamp: datetime) -> datetime:
+    """Start of the 15-minute UTC slot whose interval (start, start + 15 min] holds it."""
+    before = timestamp.astimezone(UTC) - timedelta(microseconds=1)
+    return before - (before - _EPOCH) % SLOT
+
+
 @dataclass(frozen=True)
-class HourKey:
+class SlotKey:
     device_id: str
-    hour: str  # YYYY-MM-DDTHH, UTC
+    start: datetime  # UTC, a multiple of 15 minutes
 
     @property
     def bucket_id(self) -> str:
-        return f"{self.device_id}|{self.hour}"
+        return f"{self.device_id}|{self.start.strftime('%Y-%m-%dT%H:%M')}"
 
     @property
     def month(self) -> str:
-        return self.hour[:7]
+        """The slot's UTC month, YYYY-MM: the Redis hash it is cached in."""
+        return self.start.strftime("%Y-%m")
 
     @property
-    def hour_of_month(self) -> str:
-        """DDHH: the bucket's field in the month's Redis hash."""
-        return self.hour[8:10] + self.hour[11:13]
+    def field(self) -> str:
+        """DDHHMM: the slot's field in its month's Redis hash."""
+        return self.start.strftime("%d%H%M")
 
     @classmethod
-    def of(cls, reading: Reading) -> HourKey:
-        return cls(reading.device_id, reading.timestamp.strftime("%Y-%m-%dT%H"))
+    def of(cls, reading: Reading) -> SlotKey:
+        return cls(reading.device_id, slot_start(reading.timestamp))
 
 
 @dataclass(frozen=True)
@@ -69,10 +84,10 @@ class Ledger(Protocol):
     """The source of truth (MongoDB)."""
 
     async def record(self, reading: Reading) -> Recorded:
-        """Store the reading once; return its hour bucket's total after the write."""
+        """Store the reading once; return its slot bucket's total after the write."""
         ...
 
-    async def hour_total(self, key: HourKey) -> Total: ...
+    async def slot_total(self, key: SlotKey) -> Total: ...
 
     async def latest(self, device_id: str) -> Reading | None: ...
 
@@ -80,6 +95,6 @@ class Ledger(Protocol):
 class Cache(Protocol):
     """The derivable copy (Redis)."""
 
-    async def put_hour_total(self, key: HourKey, total: Total) -> None: ...
+    async def put_slot_total(self, key: SlotKey, total: Total) -> None: ...
 
     async def put_latest(self, reading: Reading) -> None: ...

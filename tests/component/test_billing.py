@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.app import BillingApp
-from billing_service.domain.ledger import HourKey, Total
+from billing_service.domain.ledger import SlotKey, Total
 from billing_service.settings import BillingSettings
 from common.messages import encode_reading
 from common.models import Reading, validate_reading
@@ -100,9 +100,10 @@ async def test_the_same_reading_delivered_three_times_is_counted_once(billing, p
         what="three deliveries processed",
     )
     assert await billing.ledger.readings.count_documents({}) == 1
-    key = HourKey.of(r)
-    assert await billing.ledger.hour_total(key) == Total(1, 1_250_000)
-    assert await billing.cache.month_to_date("meter-1", key.month) == Total(1, 1_250_000)
+    key = SlotKey.of(r)
+    assert await billing.ledger.slot_total(key) == Total(1, 1_250_000)
+    cached = await billing.cache.month_slots("meter-1", key.month)
+    assert cached.slots == {key.start: Total(1, 1_250_000)}
     assert await billing.cache.latest("meter-1") == r
     assert await ready_count(Topology(prefix).billing_queue) == 0
 
@@ -111,26 +112,35 @@ async def _equals(value: float | None, expected: float) -> bool:
     return value == expected
 
 
-async def test_month_to_date_in_redis_equals_mongodb_in_any_order(billing, prefix) -> None:
-    readings = [reading(minutes=m, kwh=0.1 * m) for m in range(30)]
+async def test_redis_slots_equal_mongodb_in_any_order(billing, prefix) -> None:
+    readings = [reading(minutes=m, kwh=0.1 * m) for m in range(60)]
     bodies = [encode_reading(r) for r in reversed(readings)] + [
         encode_reading(r) for r in readings[::4]
     ]
     await publish(prefix, bodies)
-    month = HourKey.of(readings[0]).month
+    start, end = T - timedelta(hours=1), T + timedelta(hours=2)
 
     async def all_billed() -> bool:
-        return (await billing.ledger.month_total("meter-1", month)).count == 30
+        rows = await billing.ledger.slots("meter-1", start, end)
+        return sum(row.total.count for row in rows) == 60
 
-    await wait_until(all_billed, what="30 readings billed")
-    expected = Total(30, sum(r.usage_milliwh for r in readings))
-    assert await billing.ledger.month_total("meter-1", month) == expected
-    await wait_until(lambda: _equals_total(billing, month, expected), what="Redis month-to-date")
+    await wait_until(all_billed, what="60 readings billed")
+    expected: dict = {}
+    for r in readings:
+        key = SlotKey.of(r)
+        expected[key.start] = expected.get(key.start, Total()) + Total(1, r.usage_milliwh)
+    rows = await billing.ledger.slots("meter-1", start, end)
+    assert {row.start: row.total for row in rows} == expected
+    months = {SlotKey.of(r).month for r in readings}
+
+    async def redis_matches() -> bool:
+        cached: dict = {}
+        for month in months:
+            cached |= (await billing.cache.month_slots("meter-1", month)).slots
+        return cached == expected
+
+    await wait_until(redis_matches, what="Redis slots equal to MongoDB")
     assert await billing.cache.latest("meter-1") == readings[-1]
-
-
-async def _equals_total(billing: BillingApp, month: str, expected: Total) -> bool:
-    return await billing.cache.month_to_date("meter-1", month) == expected
 
 
 async def test_a_poison_message_goes_to_the_dead_letter_queue_with_its_reason(
@@ -159,7 +169,7 @@ async def test_a_poison_message_goes_to_the_dead_letter_queue_with_its_reason(
     assert {m.body for m in dead} == {b"{not json", b'{"schema_version": 9}'}
 
     async def good_billed() -> bool:
-        return await billing.ledger.hour_total(HourKey.of(good)) == Total(1, good.usage_milliwh)
+        return await billing.ledger.slot_total(SlotKey.of(good)) == Total(1, good.usage_milliwh)
 
     await wait_until(good_billed, what="the good neighbour billed")
 
@@ -240,7 +250,7 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
     try:
 
         async def billed_once() -> bool:
-            return await app.ledger.hour_total(HourKey.of(r)) == Total(1, 3_500_000)
+            return await app.ledger.slot_total(SlotKey.of(r)) == Total(1, 3_500_000)
 
         await wait_until(billed_once, what="the reading billed after MongoDB returned")
         assert await app.ledger.readings.count_documents({}) == 1

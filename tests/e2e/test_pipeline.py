@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from billing_service.domain.ledger import HourKey, Total
+from billing_service.domain.ledger import SlotKey, Total
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.models import Reading, validate_reading
 from tests.conftest import wait_until
@@ -94,14 +94,20 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
     ledger, cache = stack.ledger(), stack.cache()
     try:
         assert await ledger.readings.count_documents({}) == 1000
-        expected: dict[tuple[str, str], Total] = defaultdict(Total)
+        expected: dict[str, dict[datetime, Total]] = defaultdict(dict)
         for r in readings:
-            key = (r.device_id, HourKey.of(r).month)
-            total = expected[key]
-            expected[key] = Total(total.count + 1, total.usage_milliwh + r.usage_milliwh)
-        for (device_id, month), total in expected.items():
-            assert await ledger.month_total(device_id, month) == total, device_id
-            assert await cache.month_to_date(device_id, month) == total, device_id
+            key = SlotKey.of(r)
+            slots = expected[r.device_id]
+            slots[key.start] = slots.get(key.start, Total()) + Total(1, r.usage_milliwh)
+        start = min(r.timestamp for r in readings) - timedelta(hours=1)
+        end = max(r.timestamp for r in readings) + timedelta(hours=1)
+        for device_id, slots in expected.items():
+            rows = await ledger.slots(device_id, start, end)
+            assert {row.start: row.total for row in rows} == slots, device_id
+            cached: dict[datetime, Total] = {}
+            for month in {key.strftime("%Y-%m") for key in slots}:
+                cached |= (await cache.month_slots(device_id, month)).slots
+            assert cached == slots, device_id
         for device_id in {r.device_id for r in readings}:
             newest = max(
                 (r for r in readings if r.device_id == device_id), key=lambda r: r.timestamp

@@ -13,7 +13,7 @@ from mongomock_motor import AsyncMongoMockClient
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.consumer import BillingHandler
-from billing_service.domain.ledger import HourKey, Total, TransientFailure
+from billing_service.domain.ledger import SlotKey, Total, TransientFailure
 from common.models import Reading, validate_reading
 from tests.conftest import wait_until
 
@@ -38,21 +38,34 @@ async def test_a_reading_recorded_three_times_counts_once(ledger: MongoLedger) -
 
 
 async def test_totals_are_the_same_in_any_order(ledger: MongoLedger) -> None:
-    readings = [reading(m, kwh=0.1 * (m + 1)) for m in range(10)]
+    readings = [reading(m, kwh=0.1 * m) for m in range(1, 11)]  # all in the 11:00 slot
     for r in reversed(readings):
         await ledger.record(r)
     for r in readings[::3]:
         await ledger.record(r)
-    total = await ledger.hour_total(HourKey("meter-1", "2026-11-22T11"))
+    total = await ledger.slot_total(SlotKey.of(readings[0]))
     assert total == Total(10, sum(r.usage_milliwh for r in readings))
 
 
-async def test_month_total_and_latest(ledger: MongoLedger) -> None:
+async def test_slots_and_latest(ledger: MongoLedger) -> None:
     await ledger.record(reading(5, 1.0, day=21))
     await ledger.record(reading(7, 2.0, day=22))
     await ledger.record(reading(6, 4.0, day=22))
-    assert await ledger.month_total("meter-1", "2026-11") == Total(3, 7_000_000)
-    assert await ledger.month_total("meter-1", "2026-10") == Total()
+    await ledger.record(reading(6, 4.0, day=22))
+    november = await ledger.slots(
+        "meter-1", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    )
+    assert [(row.start.day, row.total) for row in november] == [
+        (21, Total(1, 1_000_000)),
+        (22, Total(2, 6_000_000)),
+    ]
+    assert (november[1].min_milliwh, november[1].max_milliwh) == (2_000_000, 4_000_000)
+    assert (
+        await ledger.slots(
+            "meter-1", datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC)
+        )
+        == []
+    )
     latest = await ledger.latest("meter-1")
     assert latest == reading(7, 2.0, day=22)
 
@@ -69,8 +82,8 @@ class FlakyLedger:
             raise TransientFailure("MongoDB: connection refused")
         return await self.inner.record(reading)
 
-    async def hour_total(self, key: HourKey) -> Total:
-        return await self.inner.hour_total(key)
+    async def slot_total(self, key: SlotKey) -> Total:
+        return await self.inner.slot_total(key)
 
     async def latest(self, device_id: str) -> Reading | None:
         return await self.inner.latest(device_id)
@@ -80,14 +93,14 @@ class MemoryCache:
     def __init__(self) -> None:
         self.down = False
         self.attempts = 0
-        self.hours: dict[HourKey, Total] = {}
+        self.slots: dict[SlotKey, Total] = {}
         self.latest: dict[str, Reading] = {}
 
-    async def put_hour_total(self, key: HourKey, total: Total) -> None:
+    async def put_slot_total(self, key: SlotKey, total: Total) -> None:
         self.attempts += 1
         if self.down:
             raise TransientFailure("Redis: connection refused")
-        self.hours[key] = total
+        self.slots[key] = total
 
     async def put_latest(self, reading: Reading) -> None:
         if self.down:
@@ -100,7 +113,7 @@ async def test_a_transient_ledger_failure_is_retried_until_it_succeeds(ledger: M
     handler = BillingHandler(flaky, cache, retry_max_delay_s=0.01, cache_retry_s=1)
     await handler(reading(1))
     assert flaky.calls == 4
-    assert cache.hours[HourKey("meter-1", "2026-11-22T11")] == Total(1, 500_000)
+    assert cache.slots[SlotKey.of(reading(1))] == Total(1, 500_000)
 
 
 async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedger) -> None:
@@ -112,17 +125,17 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
     assert attempts_while_down >= 1
     await handler(reading(2))
     assert cache.attempts == attempts_while_down, "a known outage is not retried per reading"
-    assert await ledger.hour_total(HourKey("meter-1", "2026-11-22T11")) == Total(2, 1_000_000)
-    assert cache.hours == {}
+    assert await ledger.slot_total(SlotKey.of(reading(1))) == Total(2, 1_000_000)
+    assert cache.slots == {}
     cache.down = False
     refresher = asyncio.create_task(handler.refresh_stale(interval_s=0.01))
     try:
         await wait_until(lambda: _has_entries(cache), timeout_s=5, what="cache refreshed")
     finally:
         refresher.cancel()
-    assert cache.hours[HourKey("meter-1", "2026-11-22T11")] == Total(2, 1_000_000)
+    assert cache.slots[SlotKey.of(reading(1))] == Total(2, 1_000_000)
     assert cache.latest["meter-1"].reading_id == reading(2).reading_id
 
 
 async def _has_entries(cache: MemoryCache) -> bool:
-    return bool(cache.hours)
+    return bool(cache.slots)
