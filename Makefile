@@ -15,8 +15,9 @@ DEVICES ?= 50
 RATE ?= 200
 DURATION ?= 30
 TARGET ?= 127.0.0.1:50051
+CATALOG ?= deployments/tariffs.yaml
 
-.PHONY: help install proto services dev simulate bench test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev seed import simulate bench bench-import test test-unit lint fmt up down compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -36,7 +37,18 @@ services: ## Install (when missing) and start RabbitMQ, Redis, FerretDB, grpcurl
 	bash scripts/services.sh
 
 dev: proto services ## Run the four services as local processes (Ctrl-C stops them)
+	$(PY) -m scripts.seed --if-empty $(CATALOG)
 	honcho -f deployments/Procfile.dev -d . start
+
+seed: install ## Load tariffs, accounts and devices into MongoDB: CATALOG (deployments/tariffs.yaml)
+	$(PY) -m scripts.seed $(CATALOG)
+
+import: install ## Send a CSV through SendReadings: CSV=path [DEVICE=id] [TIME_ZONE=Europe/Oslo]
+	@test -n "$(CSV)" || { echo "usage: make import CSV=path [DEVICE=id] [TIME_ZONE=zone]"; exit 2; }
+	$(PY) -m scripts.import_csv $(CSV) --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(TIME_ZONE),--time-zone $(TIME_ZONE))
+
+bench-import: install ## Import 1,000,000 generated rows into a running gateway: rows/s, peak RSS
+	$(PY) -m scripts.bench_import --rows 1000000 --target $(TARGET)
 
 simulate: install ## Virtual loggers against the gateway: DEVICES, RATE (readings/s), DURATION (s)
 	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET)

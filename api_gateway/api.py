@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
 
+from api_gateway.adapters.billing import BillingClient
 from api_gateway.adapters.ingestion import IngestionClient
 from common.convert import reading_from_proto
-from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
+from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc
 from common.models import InvalidReading, Limits, Reading
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
         ingestion: IngestionClient,
+        billing: BillingClient,
         limits: Limits,
         batch_size: int,
         max_reported_rejections: int,
     ) -> None:
         self._ingestion = ingestion
+        self._billing = billing
         self._limits = limits
         self._batch_size = batch_size
         self._max_reported_rejections = max_reported_rejections
@@ -106,3 +110,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             log.warning("forward to ingestion failed", extra={"code": code.name, "error": details})
             await context.abort(code, details)
         READINGS_ACCEPTED.inc(len(readings))
+
+    async def GetLatestReading(
+        self, request: billing_pb2.GetLatestReadingRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetLatestReadingResponse:
+        return await self._ask_billing("GetLatestReading", request, context)
+
+    async def GetDeviceBill(
+        self, request: billing_pb2.GetDeviceBillRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetDeviceBillResponse:
+        return await self._ask_billing("GetDeviceBill", request, context)
+
+    async def GetAccountBill(
+        self, request: billing_pb2.GetAccountBillRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetAccountBillResponse:
+        return await self._ask_billing("GetAccountBill", request, context)
+
+    async def GetUsage(
+        self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetUsageResponse:
+        return await self._ask_billing("GetUsage", request, context)
+
+    async def ListReadings(
+        self, request: billing_pb2.ListReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListReadingsResponse:
+        return await self._ask_billing("ListReadings", request, context)
+
+    async def _ask_billing(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """Forward a read RPC to billing_service; its status and message reach the caller."""
+        try:
+            return await self._billing.call(method, request)
+        except grpc.aio.AioRpcError as error:
+            code, details = error.code(), error.details() or error.code().name
+            if code == grpc.StatusCode.UNAVAILABLE:
+                details = f"billing service unreachable ({details}); retry shortly"
+            await context.abort(code, details)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from api_gateway.adapters.billing import BillingClient
 from api_gateway.adapters.ingestion import IngestionClient
 from api_gateway.api import GatewayServicer
 from api_gateway.settings import GatewaySettings
@@ -21,9 +22,11 @@ class GatewayApp:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.ingestion = IngestionClient(settings.ingestion_addr, settings.ingestion_timeout_s)
+        self.billing = BillingClient(settings.billing_addr, settings.billing_timeout_s)
         self.grpc = GrpcServer([SERVICE_NAME], max_message_bytes=settings.max_message_bytes)
         servicer = GatewayServicer(
             self.ingestion,
+            self.billing,
             settings.limits,
             settings.batch_size,
             settings.max_reported_rejections,
@@ -38,6 +41,7 @@ class GatewayApp:
     async def stop(self) -> None:
         await self.grpc.stop(self.settings.shutdown_grace_s)
         await self.ingestion.close()
+        await self.billing.close()
 
 
 async def run(settings: GatewaySettings) -> None:

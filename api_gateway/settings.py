@@ -16,6 +16,8 @@ class GatewaySettings(ServiceSettings):
     metrics_port: Port = 9101
     ingestion_addr: str = Field("127.0.0.1:50052", min_length=3, description="host:port")
     ingestion_timeout_s: float = Field(5.0, gt=0, description="deadline of each forward call")
+    billing_addr: str = Field("127.0.0.1:50053", min_length=3, description="host:port")
+    billing_timeout_s: float = Field(10.0, gt=0, description="deadline of each read call")
     batch_size: int = Field(500, ge=1, le=10_000, description="readings forwarded per call")
     max_message_bytes: int = Field(1024 * 1024, ge=1024, description="largest request accepted")
     max_reported_rejections: int = Field(1000, ge=0, description="rejections listed per stream")

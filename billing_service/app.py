@@ -8,17 +8,21 @@ import logging
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from billing_service.adapters.mongo import MongoLedger
+from billing_service.adapters.mongo import MongoCatalog, MongoLedger
 from billing_service.adapters.redis import RedisCache
+from billing_service.api import BillingServicer
 from billing_service.consumer import BillingHandler
 from billing_service.domain.ledger import TransientFailure
+from billing_service.queries import BillingQueries, CatalogHolder
 from billing_service.settings import BillingSettings
 from common.consumer import ReadingConsumer
+from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.grpc_server import GrpcServer, wait_for_termination_signal
 from common.metrics import serve_metrics
 from common.rabbit import Topology
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["Billing"].full_name
 
 
 class BillingApp:
@@ -33,8 +37,13 @@ class BillingApp:
         self.cache = RedisCache(
             settings.redis_url, settings.redis_key_prefix, settings.redis_timeout_s
         )
+        self.catalog = CatalogHolder(MongoCatalog(self.ledger.database))
         self.handler = BillingHandler(
-            self.ledger, self.cache, settings.retry_max_delay_s, settings.cache_retry_s
+            self.ledger,
+            self.cache,
+            settings.retry_max_delay_s,
+            settings.cache_retry_s,
+            self.catalog.is_registered,
         )
         self.consumer = ReadingConsumer(
             "billing",
@@ -45,8 +54,10 @@ class BillingApp:
             settings.prefetch,
             settings.limits,
         )
-        self.grpc = GrpcServer([])  # the query service joins here with the read API
-        self._refresher: asyncio.Task[None] | None = None
+        self.grpc = GrpcServer([SERVICE_NAME])
+        queries = BillingQueries(self.ledger, self.cache, self.catalog, settings.max_usage_buckets)
+        billing_pb2_grpc.add_BillingServicer_to_server(BillingServicer(queries), self.grpc.server)
+        self._background: list[asyncio.Task[None]] = []
         self.port = 0
 
     async def start(self) -> None:
@@ -57,8 +68,12 @@ class BillingApp:
         ):
             with attempt:
                 await self.ledger.ensure_indexes()
+                await self.catalog.refresh()
         await self.consumer.start()
-        self._refresher = asyncio.create_task(self.handler.refresh_stale())
+        self._background = [
+            asyncio.create_task(self.handler.refresh_stale()),
+            asyncio.create_task(self.catalog.refresh_forever(self.settings.catalog_refresh_s)),
+        ]
         self.port = await self.grpc.start(self.settings.host, self.settings.port)
         log.info("billing consuming", extra={"port": self.port})
 
@@ -67,10 +82,10 @@ class BillingApp:
             self.grpc.stop(self.settings.shutdown_grace_s),
             self.consumer.stop(self.settings.shutdown_grace_s),
         )
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+                await task
         await self.cache.close()
         self.ledger.close()
 

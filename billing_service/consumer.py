@@ -20,6 +20,10 @@ from common.models import Reading
 log = logging.getLogger(__name__)
 
 READINGS = Counter("billing_readings_total", "Readings recorded, by result.", ["result"])
+UNREGISTERED = Counter(
+    "billing_unregistered_readings_total",
+    "New readings from devices not in the catalog, billed under the default tariff.",
+)
 RETRIES = Counter("billing_store_retries_total", "Retries after a transient store failure.")
 CACHE_DEFERRED = Counter(
     "billing_cache_deferred_total", "Redis updates deferred while it was down."
@@ -33,9 +37,15 @@ class BillingHandler:
     """Records each reading exactly once and keeps the Redis snapshots in step."""
 
     def __init__(
-        self, ledger: Ledger, cache: Cache, retry_max_delay_s: float, cache_retry_s: float
+        self,
+        ledger: Ledger,
+        cache: Cache,
+        retry_max_delay_s: float,
+        cache_retry_s: float,
+        is_registered: Callable[[str], bool] = lambda device_id: True,
     ) -> None:
         self._ledger = ledger
+        self._is_registered = is_registered
         self._cache = cache
         self._retry_max_delay_s = retry_max_delay_s
         self._cache_retry_s = cache_retry_s
@@ -53,6 +63,8 @@ class BillingHandler:
                 recorded = await self._ledger.record(reading)
         assert recorded is not None
         READINGS.labels("duplicate" if recorded.duplicate else "billed").inc()
+        if not recorded.duplicate and not self._is_registered(reading.device_id):
+            UNREGISTERED.inc()
         await self._update_cache(reading, recorded.total)
 
     async def _update_cache(self, reading: Reading, total: Total) -> None:

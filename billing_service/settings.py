@@ -31,4 +31,6 @@ class BillingSettings(BrokerSettings):
     cache_retry_s: float = Field(
         5.0, ge=0, description="retry a Redis update this long before deferring it"
     )
+    max_usage_buckets: int = Field(10_000, ge=1, description="windows one usage query may return")
+    catalog_refresh_s: float = Field(10.0, gt=0, description="reload the tariff catalog this often")
     shutdown_grace_s: float = Field(10.0, ge=0)

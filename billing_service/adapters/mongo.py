@@ -15,9 +15,12 @@ update atomically, but FerretDB 1.24 (SQLite), the test server, does not: 50 con
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import ParamSpec, TypeVar
 
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
@@ -57,6 +60,32 @@ class SlotRow:
 def _utc(value: datetime) -> datetime:
     """motor is tz_aware; mongomock hands back naive UTC datetimes."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Driver errors that a retry can cure become TransientFailure (UNAVAILABLE for queries)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except TRANSIENT_ERRORS as error:
+            raise TransientFailure(f"MongoDB: {error}") from error
+
+    return wrapper
+
+
+def _reading(document: dict) -> Reading:  # type: ignore[type-arg]
+    return Reading(
+        device_id=document["device_id"],
+        timestamp=_utc(document["timestamp"]),
+        usage_kwh=document["usage_kwh"],
+        reading_id=document["_id"],
+    )
 
 
 class MongoLedger:
@@ -140,6 +169,7 @@ class MongoLedger:
                 return Recorded(await self.slot_total(key), duplicate=True)
         return Recorded(Total(bucket["count"], bucket["usage_milliwh"]), duplicate=False)
 
+    @_transient
     async def slot_total(self, key: SlotKey) -> Total:
         document = await self.device_slots.find_one(
             {"_id": key.bucket_id}, projection={"count": 1, "usage_milliwh": 1}
@@ -148,6 +178,7 @@ class MongoLedger:
             return Total()
         return Total(count=document["count"], usage_milliwh=document["usage_milliwh"])
 
+    @_transient
     async def slots(self, device_id: str, start: datetime, end: datetime) -> list[SlotRow]:
         """The device's slots whose start lies in [start, end), in time order."""
         rows = []
@@ -166,18 +197,77 @@ class MongoLedger:
             )
         return rows
 
+    @_transient
+    async def readings_ending_in(
+        self, device_id: str, start: datetime, end: datetime
+    ) -> list[tuple[datetime, int]]:
+        """(timestamp, milliwh) of readings with start < timestamp <= end."""
+        cursor = self.readings.find(
+            {"device_id": device_id, "timestamp": {"$gt": start, "$lte": end}},
+            projection={"timestamp": 1, "usage_milliwh": 1},
+        )
+        return [(_utc(doc["timestamp"]), doc["usage_milliwh"]) async for doc in cursor]
+
+    @_transient
+    async def readings_page(
+        self,
+        device_id: str,
+        start: datetime | None,
+        end: datetime | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Reading]:
+        """Readings in timestamp order (then id), from just after ``after``, at most ``limit``."""
+        query: dict[str, object] = {"device_id": device_id}
+        bounds = {op: value for op, value in (("$gte", start), ("$lt", end)) if value is not None}
+        if bounds:
+            query["timestamp"] = bounds
+        if after is not None:
+            query["$or"] = [
+                {"timestamp": {"$gt": after[0]}},
+                {"timestamp": after[0], "_id": {"$gt": after[1]}},
+            ]
+        cursor = self.readings.find(
+            query, sort=[("timestamp", ASCENDING), ("_id", ASCENDING)], limit=limit
+        )
+        return [_reading(doc) async for doc in cursor]
+
+    @_transient
     async def latest(self, device_id: str) -> Reading | None:
         document = await self.readings.find_one(
             {"device_id": device_id}, sort=[("timestamp", DESCENDING), ("_id", DESCENDING)]
         )
-        if document is None:
-            return None
-        return Reading(
-            device_id=document["device_id"],
-            timestamp=_utc(document["timestamp"]),
-            usage_kwh=document["usage_kwh"],
-            reading_id=document["_id"],
-        )
+        return None if document is None else _reading(document)
 
     def close(self) -> None:
         self.database.client.close()
+
+
+@dataclass(frozen=True)
+class StoredCatalog:
+    text: str
+    source: str
+    loaded_at: datetime
+
+
+class MongoCatalog:
+    """The tariff catalog as loaded by ``make seed``: its YAML text, in one document."""
+
+    def __init__(self, database: AsyncIOMotorDatabase) -> None:
+        self._collection = database["catalog"]
+
+    async def load(self) -> StoredCatalog | None:
+        try:
+            document = await self._collection.find_one({"_id": "current"})
+        except TRANSIENT_ERRORS as error:
+            raise TransientFailure(f"MongoDB: {error}") from error
+        if document is None:
+            return None
+        return StoredCatalog(document["yaml"], document["source"], _utc(document["loaded_at"]))
+
+    async def save(self, text: str, source: str) -> None:
+        await self._collection.replace_one(
+            {"_id": "current"},
+            {"yaml": text, "source": source, "loaded_at": datetime.now(UTC)},
+            upsert=True,
+        )

@@ -25,6 +25,9 @@ from common.models import Reading
 
 T = TypeVar("T")
 COMPLETE = "complete"  # field marking a month hash as a full copy of MongoDB
+# A month's hash lives this long after its last write; an expired one is refilled from
+# MongoDB when asked for, so old months do not stay in memory.
+MONTH_TTL_S = 40 * 86400
 
 PUT_SLOT_TOTAL = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -32,6 +35,7 @@ if current and tonumber(string.match(current, '^(%d+):')) >= tonumber(ARGV[2]) t
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 PUT_LATEST = """
@@ -75,7 +79,7 @@ class RedisCache:
         await self._call(
             self._put_slot_total(
                 keys=[self.month_key(key.device_id, key.month)],
-                args=[key.field, total.count, total.usage_milliwh],
+                args=[key.field, total.count, total.usage_milliwh, MONTH_TTL_S],
             )
         )
 
@@ -112,10 +116,11 @@ class RedisCache:
             for start, total in slots.items():
                 await self._put_slot_total(
                     keys=[key],
-                    args=[start.strftime("%d%H%M"), total.count, total.usage_milliwh],
+                    args=[start.strftime("%d%H%M"), total.count, total.usage_milliwh, MONTH_TTL_S],
                     client=pipe,
                 )
             pipe.hset(key, COMPLETE, "1")
+            pipe.expire(key, MONTH_TTL_S)
             await self._call(pipe.execute())
 
     async def latest(self, device_id: str) -> Reading | None:

@@ -46,6 +46,7 @@ class Stack:
             **os.environ,
             **{name: str(port) for name, port in self.ports.items()},
             "GATEWAY_INGESTION_ADDR": f"127.0.0.1:{self.ports['INGESTION_PORT']}",
+            "GATEWAY_BILLING_ADDR": f"127.0.0.1:{self.ports['BILLING_PORT']}",
             "TOPOLOGY_PREFIX": self.prefix,
             "MONGODB_DATABASE": self.database,
             "REDIS_KEY_PREFIX": self.prefix,
@@ -53,6 +54,7 @@ class Stack:
             "MONGODB_URL": MONGODB_URL,
             "REDIS_URL": REDIS_URL,
             "BILLING_SHUTDOWN_GRACE_S": "2",
+            "BILLING_CATALOG_REFRESH_S": "0.5",
         }
 
     async def start(self) -> None:

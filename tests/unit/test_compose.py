@@ -205,6 +205,15 @@ def test_gateway_forwards_to_the_ingestion_port(
     assert gateway.ingestion_addr == f"ingestion:{ingestion.port}"
 
 
+def test_gateway_forwards_reads_to_the_billing_port(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    billing = build_settings(BillingSettings, environment(compose, "billing"), monkeypatch)
+    gateway = build_settings(GatewaySettings, environment(compose, "gateway"), monkeypatch)
+    assert isinstance(gateway, GatewaySettings)
+    assert gateway.billing_addr == f"billing:{billing.port}"
+
+
 @app_services
 def test_healthcheck_probes_the_settings_port(
     compose: dict[str, Any],
@@ -228,7 +237,7 @@ def test_dependencies_wait_for_healthy_services(compose: dict[str, Any]) -> None
         "ingestion": {"rabbitmq"},
         "billing": {"rabbitmq", "mongo", "redis"},
         "analytics": {"rabbitmq"},
-        "gateway": {"ingestion"},
+        "gateway": {"ingestion", "billing"},
     }
     for name, dependencies in expected.items():
         depends_on = services[name]["depends_on"]
@@ -323,3 +332,16 @@ def test_http_probe_fails_on_a_closed_port() -> None:
     result = run_probe("http", f"http://127.0.0.1:{free_port()}/metrics")
     assert result.returncode != 0
     assert result.stderr.startswith("unhealthy: http"), result.stderr
+
+
+def test_the_seed_job_reads_the_billing_database_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = compose["services"]["seed"]
+    env = environment(compose, "seed")
+    assert set(env) <= set(env_names(BillingSettings)), set(env) - set(env_names(BillingSettings))
+    billing_env = environment(compose, "billing")
+    assert env["MONGODB_URL"] == billing_env["MONGODB_URL"]
+    assert seed["restart"] == "no"
+    assert seed["command"][-1] == "deployments/tariffs.yaml"
+    assert Path(__file__).parents[2].joinpath(seed["command"][-1]).is_file()

@@ -1,0 +1,146 @@
+"""energy.v1.Billing: proto ⇄ domain, and query errors → gRPC status, in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from billing_service.domain.bill import Bill
+from billing_service.domain.ledger import TransientFailure
+from billing_service.domain.usage import InvalidQuery
+from billing_service.queries import BillingQueries, NoCatalog, NotFound
+from common.convert import reading_to_proto
+from common.energy.v1 import billing_pb2, billing_pb2_grpc
+from common.models import MILLIWH_PER_KWH
+
+log = logging.getLogger(__name__)
+
+
+class BillingServicer(billing_pb2_grpc.BillingServicer):
+    """The read API; the gateway forwards its public RPCs of the same names here."""
+
+    def __init__(self, queries: BillingQueries) -> None:
+        self._queries = queries
+
+    async def GetLatestReading(
+        self, request: billing_pb2.GetLatestReadingRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetLatestReadingResponse:
+        async with _statuses(context):
+            reading = await self._queries.latest(request.device_id)
+        return billing_pb2.GetLatestReadingResponse(reading=reading_to_proto(reading))
+
+    async def GetDeviceBill(
+        self, request: billing_pb2.GetDeviceBillRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetDeviceBillResponse:
+        async with _statuses(context):
+            bill, unregistered = await self._queries.device_bill(request.device_id, request.period)
+        message = _bill(request.device_id, bill)
+        message.unregistered = unregistered
+        return billing_pb2.GetDeviceBillResponse(bill=message)
+
+    async def GetAccountBill(
+        self, request: billing_pb2.GetAccountBillRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetAccountBillResponse:
+        async with _statuses(context):
+            account = await self._queries.account_bill(request.account_id, request.period)
+        return billing_pb2.GetAccountBillResponse(
+            account_id=account.account_id,
+            currency=account.currency,
+            period=account.period.label,
+            bills=[_bill(device_id, bill) for device_id, bill in account.bills.items()],
+            total=str(account.total),
+        )
+
+    async def GetUsage(
+        self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetUsageResponse:
+        async with _statuses(context):
+            for name in ("start", "end"):
+                if not request.HasField(name):
+                    raise InvalidQuery(f"{name} is missing; give a UTC timestamp")
+            buckets = await self._queries.usage(
+                request.device_id,
+                _instant(request.start),
+                _instant(request.end),
+                request.window,
+                request.time_zone,
+            )
+        response = billing_pb2.GetUsageResponse()
+        for bucket in buckets:
+            message = response.buckets.add(
+                count=bucket.count,
+                sum_kwh=bucket.sum_milliwh / MILLIWH_PER_KWH,
+                avg_kwh=bucket.sum_milliwh / bucket.count / MILLIWH_PER_KWH if bucket.count else 0,
+                min_kwh=bucket.min_milliwh / MILLIWH_PER_KWH,
+                max_kwh=bucket.max_milliwh / MILLIWH_PER_KWH,
+            )
+            message.start.FromDatetime(bucket.start)
+        return response
+
+    async def ListReadings(
+        self, request: billing_pb2.ListReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListReadingsResponse:
+        async with _statuses(context):
+            readings, token = await self._queries.readings_page(
+                request.device_id,
+                _instant(request.start) if request.HasField("start") else None,
+                _instant(request.end) if request.HasField("end") else None,
+                request.page_size,
+                request.page_token,
+            )
+        return billing_pb2.ListReadingsResponse(
+            readings=[reading_to_proto(r) for r in readings], next_page_token=token
+        )
+
+
+@asynccontextmanager
+async def _statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Expected query errors become a status with their message; nothing else is caught."""
+    try:
+        yield
+    except InvalidQuery as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    except NotFound as error:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+    except NoCatalog as error:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    except TransientFailure as error:
+        log.warning("query failed: store unavailable", extra={"error": str(error)})
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly")
+
+
+def _instant(stamp: Timestamp) -> datetime:
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidQuery(f"timestamp seconds={stamp.seconds} is out of range") from None
+
+
+def _bill(device_id: str, bill: Bill) -> billing_pb2.Bill:
+    message = billing_pb2.Bill(
+        device_id=device_id,
+        tariff_id=bill.tariff_id,
+        currency=bill.currency,
+        period=bill.period.label,
+        energy_kwh=str(bill.energy_kwh),
+        subtotal=str(bill.subtotal),
+        tax=str(bill.tax),
+        total=str(bill.total),
+    )
+    message.period_start.FromDatetime(bill.period.start)
+    message.period_end.FromDatetime(bill.period.end)
+    message.as_of.FromDatetime(bill.as_of)
+    for line in bill.lines:
+        message.lines.add(
+            description=line.description,
+            quantity=str(line.quantity),
+            unit=line.unit,
+            unit_price=str(line.unit_price),
+            amount=str(line.amount),
+        )
+    return message

@@ -1,0 +1,269 @@
+"""The read side: latest reading, bills, usage windows and pages of readings.
+
+Redis answers what is hot (latest reading, the current month's slots) when it holds a
+complete copy; otherwise MongoDB answers and the copy is refilled. With Redis down every
+query still answers, from MongoDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from billing_service.adapters.mongo import MongoCatalog, MongoLedger
+from billing_service.adapters.redis import RedisCache
+from billing_service.domain import usage
+from billing_service.domain.bill import (
+    AccountBill,
+    Bill,
+    Period,
+    billing_period,
+    combine_bills,
+    compute_bill,
+    period_of_month,
+)
+from billing_service.domain.ledger import TransientFailure
+from billing_service.domain.tariff import Catalog, Tariff, parse_catalog
+from billing_service.domain.usage import InvalidQuery, UsageBucket
+from common.models import ID_PATTERN, ID_RULE, Reading
+
+log = logging.getLogger(__name__)
+PERIOD_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+
+
+class NotFound(LookupError):
+    """The thing asked for does not exist; the text says which."""
+
+
+class NoCatalog(RuntimeError):
+    """No tariffs are loaded yet."""
+
+
+class CatalogHolder:
+    """The tariff catalog as last loaded from MongoDB (``make seed`` writes it)."""
+
+    def __init__(self, store: MongoCatalog) -> None:
+        self._store = store
+        self._loaded_at: datetime | None = None
+        self.current: Catalog | None = None
+
+    async def refresh(self) -> None:
+        stored = await self._store.load()
+        if stored is None or stored.loaded_at == self._loaded_at:
+            return
+        self.current = parse_catalog(stored.text, stored.source)
+        self._loaded_at = stored.loaded_at
+        log.info("tariff catalog loaded", extra={"source": stored.source})
+
+    async def refresh_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a bad or unreachable catalog keeps the previous one
+                log.exception("could not reload the tariff catalog; keeping the previous one")
+
+    def is_registered(self, device_id: str) -> bool:
+        return self.current is not None and self.current.device(device_id) is not None
+
+    def require(self) -> Catalog:
+        if self.current is None:
+            raise NoCatalog("no tariffs are loaded; load them with `make seed`")
+        return self.current
+
+
+class BillingQueries:
+    """Answers the read API from Redis and MongoDB."""
+
+    def __init__(
+        self,
+        ledger: MongoLedger,
+        cache: RedisCache,
+        catalog: CatalogHolder,
+        max_buckets: int,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._ledger = ledger
+        self._cache = cache
+        self._catalog = catalog
+        self._max_buckets = max_buckets
+        self._clock = clock
+
+    async def latest(self, device_id: str) -> Reading:
+        check_id("device_id", device_id)
+        try:
+            cached = await self._cache.latest(device_id)
+        except TransientFailure:
+            cached = None
+        if cached is not None:
+            return cached
+        reading = await self._ledger.latest(device_id)
+        if reading is None:
+            raise NotFound(f"device {device_id!r} has no readings")
+        try:
+            await self._cache.put_latest(reading)
+        except TransientFailure:
+            pass  # Redis down: MongoDB answered, the cache refills later
+        return reading
+
+    async def device_bill(self, device_id: str, period_label: str) -> tuple[Bill, bool]:
+        """The device's bill and whether it is unregistered (billed under the default tariff)."""
+        check_id("device_id", device_id)
+        catalog = self._catalog.require()
+        device = catalog.device(device_id)
+        tariff = catalog.tariff(device.tariff if device else catalog.default_tariff)
+        period, as_of = self._period(tariff, period_label)
+        slots = await self._slot_energy(device_id, period.start, period.end)
+        if device is None and not slots:
+            raise NotFound(
+                f"device {device_id!r} is not registered and has no readings in {period.label}"
+            )
+        return compute_bill(tariff, period, slots, as_of), device is None
+
+    async def account_bill(self, account_id: str, period_label: str) -> AccountBill:
+        check_id("account_id", account_id)
+        catalog = self._catalog.require()
+        devices = catalog.devices_of(account_id)
+        if not devices:
+            raise NotFound(f"account {account_id!r} is not in the catalog or has no devices")
+        bills = {}
+        for device in devices:
+            tariff = catalog.tariff(device.tariff)
+            period, as_of = self._period(tariff, period_label)
+            slots = await self._slot_energy(device.id, period.start, period.end)
+            bills[device.id] = compute_bill(tariff, period, slots, as_of)
+        return combine_bills(account_id, bills)
+
+    async def usage(
+        self, device_id: str, start: datetime, end: datetime, window: str, zone_name: str
+    ) -> list[UsageBucket]:
+        check_id("device_id", device_id)
+        starts = usage.window_starts(
+            start, end, window, usage.time_zone(zone_name), self._max_buckets
+        )
+        if window in usage.FROM_SLOTS:
+            rows = await self._ledger.slots(device_id, start, end)
+            return usage.from_slots(
+                starts,
+                (
+                    (r.start, r.total.count, r.total.usage_milliwh, r.min_milliwh, r.max_milliwh)
+                    for r in rows
+                ),
+            )
+        readings = await self._ledger.readings_ending_in(device_id, start, end)
+        return usage.from_readings(starts, readings)
+
+    async def readings_page(
+        self,
+        device_id: str,
+        start: datetime | None,
+        end: datetime | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Reading], str]:
+        check_id("device_id", device_id)
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidQuery(f"page_size {page_size} is above {MAX_PAGE_SIZE}; ask for less")
+        if start is not None and end is not None and end <= start:
+            raise InvalidQuery("end must be after start")
+        size = page_size or DEFAULT_PAGE_SIZE
+        query = _query_key(device_id, start, end)
+        after = _decode_token(page_token, query) if page_token else None
+        readings = await self._ledger.readings_page(device_id, start, end, after, size + 1)
+        if len(readings) <= size:
+            return readings, ""
+        last = readings[size - 1]
+        return readings[:size], _encode_token(last, query)
+
+    def _period(self, tariff: Tariff, label: str) -> tuple[Period, datetime]:
+        now = self._clock()
+        if not label:
+            return billing_period(tariff, now), now
+        if not PERIOD_PATTERN.fullmatch(label):
+            raise InvalidQuery(
+                f"period {label!r} is not a month; use YYYY-MM, or leave it empty for the "
+                "current period"
+            )
+        period = period_of_month(tariff, label)
+        if period.start > now:
+            raise InvalidQuery(f"period {label} has not started yet in {tariff.time_zone}")
+        return period, min(now, period.end)
+
+    async def _slot_energy(
+        self, device_id: str, start: datetime, end: datetime
+    ) -> dict[datetime, int]:
+        """Milliwatt-hours by slot start in [start, end): Redis when complete, else MongoDB."""
+        energy: dict[datetime, int] = {}
+        for month_start, month_end in _utc_months(start, end):
+            month = month_start.strftime("%Y-%m")
+            slots = None
+            try:
+                cached = await self._cache.month_slots(device_id, month)
+                if cached.complete:
+                    slots = {s: t.usage_milliwh for s, t in cached.slots.items()}
+            except TransientFailure:
+                pass
+            if slots is None:
+                rows = await self._ledger.slots(device_id, month_start, month_end)
+                slots = {row.start: row.total.usage_milliwh for row in rows}
+                try:
+                    await self._cache.fill_month(
+                        device_id, month, {row.start: row.total for row in rows}
+                    )
+                except TransientFailure:
+                    pass
+            energy.update({s: e for s, e in slots.items() if start <= s < end})
+        return energy
+
+
+def check_id(name: str, value: str) -> None:
+    if not value:
+        raise InvalidQuery(f"{name} is empty; give one ({ID_RULE})")
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidQuery(f"{name} {value[:40]!r} is not valid; use {ID_RULE}")
+
+
+def _utc_months(start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+    """The UTC calendar months overlapping [start, end), as [month start, next month start)."""
+    months = []
+    month = start.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    while month < end:
+        following = (month + timedelta(days=32)).replace(day=1)
+        months.append((month, following))
+        month = following
+    return months
+
+
+def _query_key(device_id: str, start: datetime | None, end: datetime | None) -> str:
+    text = f"{device_id}|{start.isoformat() if start else ''}|{end.isoformat() if end else ''}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _encode_token(last: Reading, query: str) -> str:
+    payload = {"t": last.timestamp.isoformat(), "id": last.reading_id, "q": query}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def _decode_token(token: str, query: str) -> tuple[datetime, str]:
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token.encode()))
+        after = (datetime.fromisoformat(payload["t"]), str(payload["id"]))
+        same_query = payload["q"] == query
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidQuery(
+            "page_token is not one this service issued; start again without a page_token"
+        ) from None
+    if not same_query:
+        raise InvalidQuery(
+            "page_token belongs to a query with another device_id, start or end; use the same "
+            "ones, or start again without a page_token"
+        )
+    return after
