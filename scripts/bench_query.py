@@ -1,0 +1,168 @@
+"""Benchmark (not a test): read-side latency on a month of one-reading-a-minute data.
+
+    python -m scripts.bench_query [--runs 20]
+
+Writes 30 days of readings for one device (43,200 readings, 2,880 slots) straight into a
+database of its own (``bench_query``, dropped at the end) in billing's storage format,
+then times the queries as billing_service runs them: GetUsage over the month by 1h, by
+1d and 15m, a day by 5m (from raw readings), and the month's bill from MongoDB and from
+Redis. MONGODB_URL and REDIS_URL point it at the servers (make services starts them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import redis.asyncio as redis
+import typer
+
+from billing_service.adapters.mongo import MongoCatalog, MongoLedger
+from billing_service.adapters.redis import RedisCache
+from billing_service.domain.ledger import SlotKey
+from billing_service.queries import BillingQueries, CatalogHolder
+from billing_service.settings import BillingSettings
+from common.models import validate_reading
+from common.settings import load_settings
+
+DEVICE = "bench-meter"
+CATALOG = """
+default_tariff: flat
+tariffs:
+  - {id: flat, currency: EUR, time_zone: UTC, energy: {kind: flat, price_per_kwh: "0.3"}}
+"""
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(runs: Annotated[int, typer.Option(help="timed runs per query")] = 20) -> None:
+    """Print p50 / p95 / max milliseconds per query."""
+    asyncio.run(_bench(load_settings(BillingSettings), runs))
+
+
+async def _bench(settings: BillingSettings, runs: int) -> None:
+    ledger = MongoLedger.connect(settings.mongodb_url, "bench_query", settings.mongodb_timeout_s)
+    cache = RedisCache(settings.redis_url, "bench-query:", settings.redis_timeout_s)
+    try:
+        await ledger.database.client.drop_database("bench_query")
+        await ledger.ensure_indexes()
+        now = datetime.now(UTC)
+        month_end = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        month_start = month_end - timedelta(days=30)
+        started = time.perf_counter()
+        count = await _load_month(ledger, month_start, now)
+        print(f"loaded {count} readings in {time.perf_counter() - started:.1f} s")
+
+        store = MongoCatalog(ledger.database)
+        await store.save(CATALOG, "bench catalog")
+        catalog = CatalogHolder(store)
+        await catalog.refresh()
+        queries = BillingQueries(ledger, cache, catalog, settings.max_usage_buckets)
+        day_end = month_start + timedelta(days=1)
+        cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            (
+                "usage 30 days by 1h (720 windows)",
+                lambda: queries.usage(DEVICE, month_start, month_end, "1h", ""),
+            ),
+            (
+                "usage 30 days by 1d",
+                lambda: queries.usage(DEVICE, month_start, month_end, "1d", ""),
+            ),
+            (
+                "usage 30 days by 15m (2,880 windows)",
+                lambda: queries.usage(DEVICE, month_start, month_end, "15m", ""),
+            ),
+            (
+                "usage 1 day by 5m (raw readings)",
+                lambda: queries.usage(DEVICE, month_start, day_end, "5m", ""),
+            ),
+        ]
+        for name, query in cases:
+            _report(name, await _time(query, runs))
+        label = month_start.strftime("%Y-%m")
+        await _clear_redis(settings.redis_url)
+        first = await _time(lambda: queries.device_bill(DEVICE, label), 1)
+        _report("month bill, first call (MongoDB, fills Redis)", first)
+        _report(
+            "month bill from Redis", await _time(lambda: queries.device_bill(DEVICE, label), runs)
+        )
+    finally:
+        await ledger.database.client.drop_database("bench_query")
+        await _clear_redis(settings.redis_url)
+        await cache.close()
+        ledger.close()
+
+
+async def _load_month(ledger: MongoLedger, start: datetime, now: datetime) -> int:
+    """One reading a minute for 30 days, as billing would have stored it."""
+    readings, slots = [], {}
+    for minute in range(1, 30 * 24 * 60 + 1):
+        reading = validate_reading(
+            DEVICE, start + timedelta(minutes=minute), 0.01 + (minute % 11) / 1000, now=now
+        )
+        readings.append(
+            {
+                "_id": reading.reading_id,
+                "device_id": DEVICE,
+                "timestamp": reading.timestamp,
+                "usage_kwh": reading.usage_kwh,
+                "usage_milliwh": reading.usage_milliwh,
+            }
+        )
+        key = SlotKey.of(reading)
+        slot = slots.setdefault(
+            key.bucket_id,
+            {
+                "_id": key.bucket_id,
+                "device_id": DEVICE,
+                "start": key.start,
+                "reading_ids": [],
+                "count": 0,
+                "usage_milliwh": 0,
+                "min_milliwh": reading.usage_milliwh,
+                "max_milliwh": reading.usage_milliwh,
+            },
+        )
+        slot["reading_ids"].append(reading.reading_id)
+        slot["count"] += 1
+        slot["usage_milliwh"] += reading.usage_milliwh
+        slot["min_milliwh"] = min(slot["min_milliwh"], reading.usage_milliwh)
+        slot["max_milliwh"] = max(slot["max_milliwh"], reading.usage_milliwh)
+    for chunk in range(0, len(readings), 5000):
+        await ledger.readings.insert_many(readings[chunk : chunk + 5000])
+    await ledger.device_slots.insert_many(list(slots.values()))
+    return len(readings)
+
+
+async def _clear_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = [key async for key in client.scan_iter("bench-query:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def _time(query: Callable[[], Awaitable[Any]], runs: int) -> list[float]:
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        await query()
+        timings.append((time.perf_counter() - started) * 1000)
+    return timings
+
+
+def _report(name: str, timings: list[float]) -> None:
+    timings.sort()
+    p95 = timings[min(len(timings) - 1, int(len(timings) * 0.95))]
+    print(
+        f"{name:48s} p50 {statistics.median(timings):8.1f} ms   p95 {p95:8.1f} ms   "
+        f"max {timings[-1]:8.1f} ms   ({len(timings)} runs)"
+    )
+
+
+if __name__ == "__main__":
+    app()
