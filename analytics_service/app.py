@@ -1,12 +1,17 @@
-"""Composition root of analytics_service: the consumer and /metrics."""
+"""Composition root of analytics_service: the consumer, the catalog, billed amounts, /metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
+from analytics_service.adapters.billing import BilledAmounts
 from analytics_service.consumer import AnalyticsHandler
-from analytics_service.domain.tally import Tally
+from analytics_service.domain.tally import Tally, Windows
 from analytics_service.settings import AnalyticsSettings
+from billing_service.adapters.mongo import MongoCatalog, MongoLedger
+from billing_service.queries import CatalogHolder
 from common.consumer import ReadingConsumer
 from common.grpc_server import wait_for_termination_signal
 from common.metrics import serve_metrics
@@ -15,20 +20,66 @@ from common.rabbit import Topology
 log = logging.getLogger(__name__)
 
 
+class AnalyticsApp:
+    """Wires the tally into the consumer; ``start`` and ``stop`` for tests and main."""
+
+    def __init__(self, settings: AnalyticsSettings) -> None:
+        self.settings = settings
+        topology = Topology(settings.topology_prefix)
+        windows = Windows(
+            active_s=settings.active_window_s,
+            silent_after_s=settings.silent_after_s,
+            dedupe_s=settings.dedupe_window_s,
+        )
+        self.tally = Tally(windows, settings.dedupe_max_ids)
+        # The tariff catalog is billing's; analytics reads it to tell registered devices
+        # apart and to know which accounts to ask billing about.
+        self._mongo = MongoLedger.connect(settings.mongodb_url, settings.mongodb_database, 5.0)
+        self.catalog = CatalogHolder(MongoCatalog(self._mongo.database))
+        self.billed = BilledAmounts(settings.billing_addr, timeout_s=10.0)
+        self.consumer = ReadingConsumer(
+            "analytics",
+            settings.rabbitmq_url,
+            topology,
+            topology.analytics_queue,
+            AnalyticsHandler(self.tally, self.catalog.is_registered, settings.top_n),
+            settings.prefetch,
+            settings.limits,
+        )
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._background = [
+            asyncio.create_task(self._catalog_forever()),
+            asyncio.create_task(
+                self.billed.refresh_forever(self._account_ids, self.settings.billed_refresh_s)
+            ),
+        ]
+        log.info("analytics consuming", extra={"metrics_port": self.settings.metrics_port})
+
+    async def _catalog_forever(self) -> None:
+        with contextlib.suppress(Exception):  # MongoDB not up yet: the loop below retries
+            await self.catalog.refresh()
+        await self.catalog.refresh_forever(self.settings.catalog_refresh_s)
+
+    def _account_ids(self) -> list[str]:
+        catalog = self.catalog.current
+        return [account.id for account in catalog.accounts] if catalog else []
+
+    async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.consumer.stop(self.settings.shutdown_grace_s)
+        await self.billed.close()
+        self._mongo.close()
+
+
 async def run(settings: AnalyticsSettings) -> None:
     serve_metrics(settings.host, settings.metrics_port)
-    topology = Topology(settings.topology_prefix)
-    tally = Tally(settings.dedupe_window_s, settings.dedupe_max_ids, settings.active_window_s)
-    consumer = ReadingConsumer(
-        "analytics",
-        settings.rabbitmq_url,
-        topology,
-        topology.analytics_queue,
-        AnalyticsHandler(tally),
-        settings.prefetch,
-        settings.limits,
-    )
-    await consumer.start()
-    log.info("analytics consuming", extra={"metrics_port": settings.metrics_port})
+    app = AnalyticsApp(settings)
+    await app.start()
     await wait_for_termination_signal()
-    await consumer.stop(settings.shutdown_grace_s)
+    await app.stop()

@@ -14,7 +14,18 @@ class AnalyticsSettings(BrokerSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     metrics_port: Port = 9100
     prefetch: int = Field(256, ge=1, le=10_000)
+    mongodb_url: str = Field(
+        "mongodb://127.0.0.1:27017/", pattern="^mongodb(\\+srv)?://", validation_alias="MONGODB_URL"
+    )
+    mongodb_database: str = Field(
+        "energy", pattern="^[A-Za-z0-9_-]{1,63}$", validation_alias="MONGODB_DATABASE"
+    )
+    billing_addr: str = Field("127.0.0.1:50053", min_length=3, description="billing's read API")
     active_window_s: float = Field(900.0, gt=0, description="a device is active this long")
+    silent_after_s: float = Field(3600.0, gt=0, description="and silent after this long")
+    top_n: int = Field(10, ge=1, le=100, description="devices in energy_top_consumer_kwh")
     dedupe_window_s: float = Field(3600.0, gt=0, description="a resent reading counts once")
     dedupe_max_ids: int = Field(500_000, ge=1, description="reading ids remembered at most")
+    billed_refresh_s: float = Field(60.0, gt=0, description="ask billing for bills this often")
+    catalog_refresh_s: float = Field(10.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0)

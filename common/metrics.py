@@ -24,6 +24,19 @@ GRPC_LATENCY = Histogram(
 )
 
 
+GRPC_CLIENT_HANDLED = Counter(
+    "grpc_client_handled_total",
+    "RPCs completed by this service as a client, by method and status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_CLIENT_LATENCY = Histogram(
+    "grpc_client_handling_seconds",
+    "Time from starting an RPC to receiving its status, as a client.",
+    ["grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+
+
 def serve_metrics(host: str, port: int) -> int:
     """Expose /metrics over HTTP in a background thread; returns the bound port."""
     disable_created_metrics()  # the *_created series only double the exposition
@@ -83,3 +96,23 @@ def _code_name(code: Any) -> str:
         return next(c.name for c in grpc.StatusCode if c.value[0] == code)
     except StopIteration:
         return str(code)
+
+
+class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Count and time every unary call a service makes, by method and status code."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[grpc.aio.Call]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> grpc.aio.Call:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        service, _, method_name = name.strip("/").rpartition("/")
+        started = time.perf_counter()
+        call = await continuation(client_call_details, request)
+        code = await call.code()  # waits for the status without raising
+        GRPC_CLIENT_HANDLED.labels(service, method_name, _code_name(code)).inc()
+        GRPC_CLIENT_LATENCY.labels(service, method_name).observe(time.perf_counter() - started)
+        return call

@@ -1,47 +1,90 @@
-"""Counting readings once and the devices seen recently. Pure: the clock is injected."""
+"""Counting readings once, and which devices are active, silent and top. Pure: clock injected.
+
+Memory is bounded by the number of devices, never by readings: one last-seen time per
+device seen within the silence horizon, one kWh counter per device per minute of the top
+window, and at most ``max_remembered`` reading ids for deduplication.
+"""
 
 from __future__ import annotations
 
+import heapq
 import time
+from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cachetools import TTLCache
 
 from common.models import Reading
 
 
-class Tally:
-    """Deduplicates redelivered or resent readings inside a window and tracks active devices.
+@dataclass(frozen=True)
+class Windows:
+    active_s: float = 900.0  # a device is active this long after a reading
+    silent_after_s: float = 3600.0  # ... and silent after this long without one
+    forget_after_s: float = 86400.0  # ... and forgotten (neither) after this long
+    top_s: float = 3600.0  # top consumers rank the energy of this window
+    dedupe_s: float = 3600.0  # a resent reading within this window counts once
 
-    Memory is bounded: at most ``max_remembered`` reading ids, and one entry per device
-    seen within ``active_window_s``.
-    """
+
+class Tally:
+    """Deduplicates readings and keeps the per-device state the business metrics need."""
 
     def __init__(
         self,
-        dedupe_window_s: float,
+        windows: Windows,
         max_remembered: int,
-        active_window_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._windows = windows
         self._clock = clock
         self._seen: TTLCache[str, bool] = TTLCache(
-            maxsize=max_remembered, ttl=dedupe_window_s, timer=clock
+            maxsize=max_remembered, ttl=windows.dedupe_s, timer=clock
         )
-        self._active_window_s = active_window_s
         self._last_seen: dict[str, float] = {}
+        self._energy: dict[str, deque[tuple[int, float]]] = defaultdict(deque)
 
     def record(self, reading: Reading) -> bool:
         """Return True if the reading is new (count it), False for a repeat."""
         if reading.reading_id in self._seen:
             return False
         self._seen[reading.reading_id] = True
-        self._last_seen[reading.device_id] = self._clock()
+        now = self._clock()
+        self._last_seen[reading.device_id] = now
+        minutes = self._energy[reading.device_id]
+        minute = int(now // 60)
+        if minutes and minutes[-1][0] == minute:
+            minutes[-1] = (minute, minutes[-1][1] + reading.usage_kwh)
+        else:
+            minutes.append((minute, reading.usage_kwh))
         return True
 
-    def active_devices(self) -> int:
-        """Devices with a reading processed within the active window; forgets older ones."""
-        horizon = self._clock() - self._active_window_s
-        for device_id in [d for d, seen in self._last_seen.items() if seen < horizon]:
-            del self._last_seen[device_id]
-        return len(self._last_seen)
+    def active_devices(self) -> list[str]:
+        """Devices with a reading within the active window."""
+        self._forget()
+        horizon = self._clock() - self._windows.active_s
+        return [device for device, seen in self._last_seen.items() if seen >= horizon]
+
+    def silent_devices(self) -> int:
+        """Devices that sent within the forget horizon but nothing for silent_after_s."""
+        self._forget()
+        horizon = self._clock() - self._windows.silent_after_s
+        return sum(1 for seen in self._last_seen.values() if seen < horizon)
+
+    def top_consumers(self, n: int) -> list[tuple[str, float]]:
+        """The ``n`` devices with the most kWh within the top window, largest first."""
+        oldest = int((self._clock() - self._windows.top_s) // 60)
+        totals = {}
+        for device, minutes in list(self._energy.items()):
+            while minutes and minutes[0][0] <= oldest:
+                minutes.popleft()
+            if minutes:
+                totals[device] = sum(kwh for _, kwh in minutes)
+            else:
+                del self._energy[device]
+        return heapq.nlargest(n, totals.items(), key=lambda item: (item[1], item[0]))
+
+    def _forget(self) -> None:
+        horizon = self._clock() - self._windows.forget_after_s
+        for device in [d for d, seen in self._last_seen.items() if seen < horizon]:
+            del self._last_seen[device]

@@ -7,13 +7,16 @@ from typing import Any
 import grpc
 
 from common.energy.v1 import billing_pb2_grpc
+from common.metrics import ClientMetricsInterceptor
 
 
 class BillingClient:
     """Calls an ``energy.v1.Billing`` RPC by name; raises grpc.aio.AioRpcError on failure."""
 
     def __init__(self, address: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(
+            address, interceptors=[ClientMetricsInterceptor()]
+        )
         self._stub = billing_pb2_grpc.BillingStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -6,6 +6,7 @@ import grpc
 
 from common.convert import reading_to_proto
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
+from common.metrics import ClientMetricsInterceptor
 from common.models import Reading
 
 
@@ -13,7 +14,9 @@ class IngestionClient:
     """Forwards validated readings; raises grpc.aio.AioRpcError on failure."""
 
     def __init__(self, address: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(
+            address, interceptors=[ClientMetricsInterceptor()]
+        )
         self._stub = ingestion_pb2_grpc.IngestionStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -1,10 +1,10 @@
-"""Analytics tally: a reading counts once; active devices age out of the window."""
+"""Analytics tally: a reading counts once; devices turn active, silent, forgotten; top-N."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from analytics_service.domain.tally import Tally
+from analytics_service.domain.tally import Tally, Windows
 from common.models import validate_reading
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -18,35 +18,57 @@ class Clock:
         return self.now
 
 
-def reading(device: str, minute: int):
-    return validate_reading(device, NOW.replace(hour=11, minute=minute), 1.0, now=NOW)
+def reading(device: str, minute: int, kwh: float = 1.0):
+    return validate_reading(device, NOW.replace(hour=11, minute=minute), kwh, now=NOW)
+
+
+def tally(clock: Clock, **windows: float) -> Tally:
+    return Tally(Windows(**windows), max_remembered=100, clock=clock)
 
 
 def test_a_repeat_counts_once_inside_the_window() -> None:
     clock = Clock()
-    tally = Tally(dedupe_window_s=60, max_remembered=100, active_window_s=900, clock=clock)
-    assert tally.record(reading("a", 1)) is True
-    assert tally.record(reading("a", 1)) is False
-    assert tally.record(reading("a", 2)) is True
+    counter = tally(clock, dedupe_s=60)
+    assert counter.record(reading("a", 1)) is True
+    assert counter.record(reading("a", 1)) is False
+    assert counter.record(reading("a", 2)) is True
     clock.now += 61
-    assert tally.record(reading("a", 1)) is True  # outside the window: remembered no more
+    assert counter.record(reading("a", 1)) is True  # outside the window: remembered no more
 
 
-def test_active_devices_age_out() -> None:
+def test_devices_turn_active_then_silent_then_forgotten() -> None:
     clock = Clock()
-    tally = Tally(dedupe_window_s=60, max_remembered=100, active_window_s=900, clock=clock)
-    tally.record(reading("a", 1))
+    counter = tally(clock, active_s=900, silent_after_s=3600, forget_after_s=86400)
+    counter.record(reading("a", 1))
     clock.now += 600
-    tally.record(reading("b", 1))
-    assert tally.active_devices() == 2
+    counter.record(reading("b", 1))
+    assert sorted(counter.active_devices()) == ["a", "b"]
     clock.now += 301
-    assert tally.active_devices() == 1
-    clock.now += 600
-    assert tally.active_devices() == 0
+    assert counter.active_devices() == ["b"]
+    assert counter.silent_devices() == 0
+    clock.now += 3000  # a: 3901 s quiet, b: 3301 s
+    assert (counter.active_devices(), counter.silent_devices()) == ([], 1)
+    clock.now += 86400
+    assert counter.silent_devices() == 0  # both forgotten
+
+
+def test_top_consumers_rank_the_last_hour() -> None:
+    clock = Clock()
+    counter = tally(clock, top_s=3600)
+    counter.record(reading("small", 1, 1.0))
+    counter.record(reading("big", 1, 5.0))
+    clock.now += 120
+    counter.record(reading("small", 2, 7.0))
+    assert counter.top_consumers(1) == [("small", 8.0)]
+    assert counter.top_consumers(5) == [("small", 8.0), ("big", 5.0)]
+    clock.now += 3500  # the first minute leaves the window
+    assert counter.top_consumers(5) == [("small", 7.0)]
+    clock.now += 3600
+    assert counter.top_consumers(5) == []
 
 
 def test_memory_is_bounded() -> None:
-    tally = Tally(dedupe_window_s=3600, max_remembered=10, active_window_s=900, clock=Clock())
+    counter = Tally(Windows(dedupe_s=3600), max_remembered=10, clock=Clock())
     for minute in range(50):
-        tally.record(reading("a", minute))
-    assert len(tally._seen) == 10
+        counter.record(reading("a", minute))
+    assert len(counter._seen) == 10
