@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (when missing) and start on localhost what development and tests need,
 # on a Debian machine without Docker: RabbitMQ (management + prometheus plugins),
-# Redis, FerretDB 1.24 (SQLite backend, MongoDB wire protocol) and grpcurl.
+# Redis, FerretDB 1.24 (SQLite backend, MongoDB wire protocol), grpcurl, Prometheus with
+# promtool, and redis_exporter.
 # Idempotent: a server that already answers is left alone, so a second run is fast.
 set -euo pipefail
 
@@ -9,6 +10,10 @@ STATE_DIR=${ENERGY_STATE_DIR:-$HOME/.local/state/energy-platform}
 GOBIN=${GOBIN:-$(go env GOPATH 2>/dev/null || echo "$HOME/go")/bin}
 FERRETDB_VERSION=v1.24.2
 GRPCURL_VERSION=v1.9.3
+REDIS_EXPORTER_VERSION=v1.74.0
+PROMETHEUS_PORT=${ENERGY_PROMETHEUS_PORT:-9090}
+REDIS_EXPORTER_PORT=9121
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RABBITMQ_PORT=5672
 REDIS_PORT=${ENERGY_REDIS_PORT:-6379}
 FERRETDB_PORT=${ENERGY_FERRETDB_PORT:-27017}
@@ -25,6 +30,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_packages=()
 command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_packages+=(rabbitmq-server)
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || apt_packages+=(prometheus)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   log "installing ${apt_packages[*]} from Debian"
   as_root apt-get update -qq
@@ -50,6 +56,13 @@ go_build_tool() {  # go_build_tool MODULE VERSION PACKAGE BINARY
 if ! command -v ferretdb >/dev/null 2>&1; then
   log "building ferretdb $FERRETDB_VERSION (takes a few minutes, once)"
   go_build_tool github.com/FerretDB/FerretDB "$FERRETDB_VERSION" cmd/ferretdb ferretdb
+fi
+if ! command -v redis_exporter >/dev/null 2>&1; then
+  log "building redis_exporter $REDIS_EXPORTER_VERSION"
+  # The checksum database here has no entry for this module (404), so it alone is not
+  # checked against it; its dependencies are still verified by its go.sum.
+  GONOSUMDB=github.com/oliver006/redis_exporter \
+    go_build_tool github.com/oliver006/redis_exporter "$REDIS_EXPORTER_VERSION" . redis_exporter
 fi
 if ! command -v grpcurl >/dev/null 2>&1; then
   log "building grpcurl $GRPCURL_VERSION"
@@ -84,6 +97,21 @@ if ! port_open "$FERRETDB_PORT"; then
   wait_port "$FERRETDB_PORT" ferretdb 60
 fi
 
+if ! port_open "$REDIS_EXPORTER_PORT"; then
+  log "starting redis_exporter on $REDIS_EXPORTER_PORT"
+  nohup redis_exporter --redis.addr="redis://127.0.0.1:$REDIS_PORT" \
+    --web.listen-address="127.0.0.1:$REDIS_EXPORTER_PORT" >"$STATE_DIR/redis_exporter.log" 2>&1 &
+  wait_port "$REDIS_EXPORTER_PORT" redis_exporter 30
+fi
+
+if ! port_open "$PROMETHEUS_PORT"; then
+  log "starting prometheus on $PROMETHEUS_PORT (scrapes the make dev services)"
+  nohup prometheus --config.file="$ROOT/deployments/prometheus/prometheus.local.yml" \
+    --storage.tsdb.path="$STATE_DIR/prometheus" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    >"$STATE_DIR/prometheus.log" 2>&1 &
+  wait_port "$PROMETHEUS_PORT" prometheus 60
+fi
+
 cat <<INFO
 [services] ready:
   RabbitMQ AMQP      amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
@@ -91,5 +119,7 @@ cat <<INFO
   RabbitMQ metrics   http://127.0.0.1:15692/metrics
   Redis              redis://127.0.0.1:$REDIS_PORT/0
   FerretDB (MongoDB) mongodb://127.0.0.1:$FERRETDB_PORT/
+  Prometheus         http://127.0.0.1:$PROMETHEUS_PORT/  (promtool $(command -v promtool))
+  redis_exporter     http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics
   grpcurl            $(command -v grpcurl)
 INFO

@@ -55,6 +55,9 @@ class Stack:
             "REDIS_URL": REDIS_URL,
             "BILLING_SHUTDOWN_GRACE_S": "2",
             "BILLING_CATALOG_REFRESH_S": "0.5",
+            "ANALYTICS_BILLING_ADDR": f"127.0.0.1:{self.ports['BILLING_PORT']}",
+            "ANALYTICS_BILLED_REFRESH_S": "1",
+            "ANALYTICS_CATALOG_REFRESH_S": "0.5",
         }
 
     async def start(self) -> None:

@@ -345,3 +345,29 @@ def test_the_seed_job_reads_the_billing_database_settings(
     assert seed["restart"] == "no"
     assert seed["command"][-1] == "deployments/tariffs.yaml"
     assert Path(__file__).parents[2].joinpath(seed["command"][-1]).is_file()
+
+
+def test_prometheus_and_grafana_are_wired_to_the_stack(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    deployments = Path(__file__).parents[2] / "deployments"
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (deployments / source).exists(), (name, source)
+    config = yaml.safe_load((deployments / "prometheus" / "prometheus.yml").read_text())
+    published = {
+        f"{name}:{str(port).split(':')[-1]}"
+        for name, service in services.items()
+        for port in service.get("ports", [])
+    }
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+        if not target.startswith("localhost")
+    }
+    assert targets <= published, targets - published
+    assert "3000:3000" in services["grafana"]["ports"]
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
