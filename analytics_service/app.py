@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 
 from analytics_service.adapters.billing import BilledAmounts
 from analytics_service.consumer import AnalyticsHandler
 from analytics_service.domain.tally import Tally, Windows
 from analytics_service.settings import AnalyticsSettings
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
+from billing_service.adapters.redis import RedisCache
+from billing_service.domain.ledger import TransientFailure
 from billing_service.queries import CatalogHolder
 from common.consumer import ReadingConsumer
 from common.grpc_server import wait_for_termination_signal
@@ -49,6 +52,7 @@ class AnalyticsApp:
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        await self._restore_last_seen()
         await self.consumer.start()
         self._background = [
             asyncio.create_task(self._catalog_forever()),
@@ -57,6 +61,20 @@ class AnalyticsApp:
             ),
         ]
         log.info("analytics consuming", extra={"metrics_port": self.settings.metrics_port})
+
+    async def _restore_last_seen(self) -> None:
+        """Survive a restart: devices' last-seen times from the latest readings in Redis."""
+        cache = RedisCache(self.settings.redis_url, self.settings.redis_key_prefix, 5.0)
+        now, latest = datetime.now(UTC), {}
+        try:
+            latest = await cache.latest_timestamps()
+        except TransientFailure as error:
+            log.warning("Redis unavailable; activity starts empty", extra={"error": str(error)})
+        finally:
+            await cache.close()
+        for device_id, timestamp in latest.items():
+            self.tally.restore(device_id, (now - timestamp).total_seconds())
+        log.info("device activity restored", extra={"devices": len(latest)})
 
     async def _catalog_forever(self) -> None:
         with contextlib.suppress(Exception):  # MongoDB not up yet: the loop below retries

@@ -20,6 +20,10 @@ class AnalyticsSettings(BrokerSettings):
     mongodb_database: str = Field(
         "energy", pattern="^[A-Za-z0-9_-]{1,63}$", validation_alias="MONGODB_DATABASE"
     )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", pattern="^rediss?://", validation_alias="REDIS_URL"
+    )
+    redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
     billing_addr: str = Field("127.0.0.1:50053", min_length=3, description="billing's read API")
     active_window_s: float = Field(900.0, gt=0, description="a device is active this long")
     silent_after_s: float = Field(3600.0, gt=0, description="and silent after this long")

@@ -59,6 +59,11 @@ class Tally:
             minutes.append((minute, reading.usage_kwh))
         return True
 
+    def restore(self, device_id: str, seconds_ago: float) -> None:
+        """Seed a device's last-seen time (at start, from the latest readings billing keeps)."""
+        if seconds_ago < self._windows.forget_after_s:
+            self._last_seen.setdefault(device_id, self._clock() - max(seconds_ago, 0.0))
+
     def active_devices(self) -> list[str]:
         """Devices with a reading within the active window."""
         self._forget()

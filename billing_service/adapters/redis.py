@@ -134,6 +134,25 @@ class RedisCache:
             reading_id=fields["reading_id"],
         )
 
+    async def latest_timestamps(self) -> dict[str, datetime]:
+        """The timestamp of every cached device's latest reading, by device id."""
+        return await self._call(self._latest_timestamps())
+
+    async def _latest_timestamps(self) -> dict[str, datetime]:
+        prefix = self.latest_key("")
+        keys = [key async for key in self._redis.scan_iter(f"{prefix}*", count=1000)]
+        found: dict[str, datetime] = {}
+        for chunk in range(0, len(keys), 1000):
+            batch = keys[chunk : chunk + 1000]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.hget(key, "ts_us")
+                values = await pipe.execute()
+            for key, value in zip(batch, values, strict=True):
+                if value is not None:
+                    found[key[len(prefix) :]] = datetime.fromtimestamp(int(value) / 1e6, UTC)
+        return found
+
     async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable

@@ -95,6 +95,23 @@ class Stack:
         self.log_files.append(log)
         return log
 
+    async def restart(self, service: str) -> None:
+        """SIGTERM one service, start it again, and wait until its /metrics answers."""
+        process = self.processes[service]
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=20)
+        log = self._open_log(f"{service}.restarted")
+        self.processes[service] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", service, env=self.env(), stdout=log, stderr=log
+        )
+        prefix = service.split("_")[0].upper().replace("API", "GATEWAY")
+        for _ in range(300):
+            self.assert_running()
+            if await asyncio.to_thread(check_http, self.metrics_url(prefix)) is None:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{service} did not come back\n{self.logs()}")
+
     def assert_running(self) -> None:
         for service, process in self.processes.items():
             if process.returncode is not None:

@@ -135,3 +135,14 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
         "grpc_server_handled_total",
         {"grpc_method": "SendReadings", "grpc_code": "OK"},
     ) == DEVICES // 2 + len({r.device_id for r in resent_stream})
+
+
+async def test_analytics_restores_device_activity_after_a_restart(stack: Stack) -> None:
+    """The readings above are 1.5 to 3 hours old: after a restart all 50 devices are silent."""
+    await stack.restart("analytics_service")
+
+    async def restored() -> bool:
+        return await stack.metric("ANALYTICS", "energy_silent_devices") == DEVICES
+
+    await wait_until(restored, what="silent devices restored from Redis")
+    assert await stack.metric("ANALYTICS", "energy_active_devices") == 0

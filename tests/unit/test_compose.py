@@ -236,7 +236,7 @@ def test_dependencies_wait_for_healthy_services(compose: dict[str, Any]) -> None
     expected = {
         "ingestion": {"rabbitmq"},
         "billing": {"rabbitmq", "mongo", "redis"},
-        "analytics": {"rabbitmq", "mongo"},
+        "analytics": {"rabbitmq", "mongo", "redis"},
         "gateway": {"ingestion", "billing"},
     }
     for name, dependencies in expected.items():

@@ -72,3 +72,12 @@ def test_memory_is_bounded() -> None:
     for minute in range(50):
         counter.record(reading("a", minute))
     assert len(counter._seen) == 10
+
+
+def test_restored_devices_count_as_active_or_silent_by_their_last_reading() -> None:
+    clock = Clock()
+    counter = tally(clock, active_s=900, silent_after_s=3600, forget_after_s=86400)
+    counter.restore("recent", seconds_ago=60)
+    counter.restore("quiet", seconds_ago=7200)
+    counter.restore("ancient", seconds_ago=90000)  # beyond a day: forgotten
+    assert (counter.active_devices(), counter.silent_devices()) == (["recent"], 1)
