@@ -70,7 +70,10 @@ class Stack:
             "BILLING_METRICS_PORT",
             "ANALYTICS_METRICS_PORT",
         ):
-            self.ports[name] = free_port()
+            port = free_port()
+            while port in self.ports.values():  # bind(0) may hand out a port twice in a row
+                port = free_port()
+            self.ports[name] = port
         for service in SERVICES:
             log = self._open_log(service)
             self.processes[service] = await asyncio.create_subprocess_exec(
