@@ -17,7 +17,7 @@ DURATION ?= 30
 TARGET ?= 127.0.0.1:50051
 CATALOG ?= deployments/tariffs.yaml
 
-.PHONY: help install proto services dev seed import simulate bench bench-import test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-import test test-unit lint fmt up down compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,8 +50,22 @@ import: install ## Send a CSV through SendReadings: CSV=path [DEVICE=id] [TIME_Z
 bench-import: install ## Import 1,000,000 generated rows into a running gateway: rows/s, peak RSS
 	$(PY) -m scripts.bench_import --rows 1000000 --target $(TARGET)
 
-simulate: install ## Virtual loggers against the gateway: DEVICES, RATE (readings/s), DURATION (s)
-	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET)
+simulate: install ## Virtual loggers: DEVICES, RATE (readings/s), DURATION (s), LEDGER (JSONL of acks)
+	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET) $(if $(LEDGER),--ledger $(LEDGER) --resend-for-s 120)
+
+reconcile: install ## Check a ledger of acknowledged readings against billing: LEDGER=path
+	@test -n "$(LEDGER)" || { echo "usage: make reconcile LEDGER=path.jsonl"; exit 2; }
+	$(PY) -m scripts.reconcile $(LEDGER) --target $(TARGET) --wait-s 30
+
+dlq: install ## List dead-lettered messages with their reasons (they stay in the queue)
+	$(PY) -m scripts.dlq list
+
+dlq-replay: install ## Replay dead letters once their cause is fixed: IDS="id1 id2" or IDS=--all
+	@test -n "$(IDS)" || { echo "usage: make dlq-replay IDS=\"id1 id2\" (or IDS=--all)"; exit 2; }
+	$(PY) -m scripts.dlq replay $(IDS)
+
+test-faults: proto services ## Only the fault tests: kills, broker and store outages under load
+	$(PY) -m pytest tests/faults
 
 bench: install ## Load a running gateway (make dev): unary, then streams of 100; prints readings/s
 	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-unary

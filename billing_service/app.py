@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from billing_service.adapters.faults import FaultyLedger
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
 from billing_service.adapters.redis import RedisCache
 from billing_service.api import BillingServicer
 from billing_service.consumer import BillingHandler
-from billing_service.domain.ledger import TransientFailure
+from billing_service.domain.ledger import Ledger, TransientFailure
 from billing_service.queries import BillingQueries, CatalogHolder
 from billing_service.settings import BillingSettings
 from common.consumer import ReadingConsumer
@@ -38,8 +40,12 @@ class BillingApp:
             settings.redis_url, settings.redis_key_prefix, settings.redis_timeout_s
         )
         self.catalog = CatalogHolder(MongoCatalog(self.ledger.database))
+        writes: Ledger = self.ledger
+        if settings.faults_file:
+            log.warning("MongoDB fault injection is on", extra={"file": settings.faults_file})
+            writes = FaultyLedger(self.ledger, Path(settings.faults_file))
         self.handler = BillingHandler(
-            self.ledger,
+            writes,
             self.cache,
             settings.retry_max_delay_s,
             settings.cache_retry_s,

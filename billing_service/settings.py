@@ -33,4 +33,7 @@ class BillingSettings(BrokerSettings):
     )
     max_usage_buckets: int = Field(10_000, ge=1, description="windows one usage query may return")
     catalog_refresh_s: float = Field(10.0, gt=0, description="reload the tariff catalog this often")
+    faults_file: str = Field(
+        "", description="testing aid: while this file exists, MongoDB writes fail (tests/faults)"
+    )
     shutdown_grace_s: float = Field(10.0, ge=0)

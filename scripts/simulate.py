@@ -7,13 +7,15 @@ gateway derives it: a rerun within the same window resends the same readings, bi
 """
 
 import asyncio
+import json
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from itertools import islice
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import grpc
 import typer
@@ -22,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.models import derive_reading_id
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class FleetConfig:
     timeout_s: float = 10.0
     device_prefix: str = "sim"
     show_progress: bool = True
+    ledger: str | None = None
+    resend_for_s: float = 0.0
 
     @property
     def per_device(self) -> int:
@@ -65,6 +70,7 @@ class FleetSummary:
     first_error: dict[str, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
+    resent: int = 0
 
     @property
     def failed(self) -> int:
@@ -93,11 +99,40 @@ class FleetSummary:
                     f"  {code}: {n} (first: {self.first_error.get(code) or '-'})"
                     for code, n in sorted(self.failed_by_code.items())
                 ),
-                f"elapsed: {self.elapsed_s:.2f} s, {rate:.1f} accepted readings/s",
+                f"elapsed: {self.elapsed_s:.2f} s, {rate:.1f} accepted readings/s"
+                + (f", {self.resent} resent after refusals" if self.resent else ""),
                 f"RPC latency over {len(self.latencies_s)} RPCs: "
                 f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms",
             ]
         )
+
+
+RESEND_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _open_ledger(path: str | None) -> TextIO | None:
+    """The ledger file, appended to and line-buffered; closed by run_fleet."""
+    return open(path, "a", buffering=1) if path else None  # noqa: SIM115
+
+
+def _ledger_line(reading: reading_pb2.Reading) -> str:
+    """One acknowledged reading as a JSON line: what ``make reconcile`` checks billing for."""
+    timestamp = reading.timestamp.ToDatetime(tzinfo=UTC)
+    return (
+        json.dumps(
+            {
+                "reading_id": reading.reading_id or derive_reading_id(reading.device_id, timestamp),
+                "device_id": reading.device_id,
+                "timestamp": timestamp.isoformat(),
+                "usage_kwh": reading.usage_kwh,
+            }
+        )
+        + "\n"
+    )
 
 
 def due_at(start: float, released: int, count: int, rate: float) -> float:
@@ -169,16 +204,7 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
     async def send(stub: gateway_pb2_grpc.GatewayStub, chunk: list[reading_pb2.Reading]) -> None:
         began = time.perf_counter()
         try:
-            requests = [gateway_pb2.SendReadingRequest(reading=r) for r in chunk]
-            if config.batch:
-                reply = await stub.SendReadings(iter(requests), timeout=config.timeout_s)
-                summary.accepted += reply.accepted
-                if rejected := len(chunk) - reply.accepted:
-                    reason = reply.rejected[0].reason if reply.rejected else ""
-                    summary.record_failure("INVALID_ARGUMENT", rejected, reason)
-            else:
-                await stub.SendReading(requests[0], timeout=config.timeout_s)
-                summary.accepted += 1
+            await _send_until_acknowledged(stub, chunk)
         except grpc.aio.AioRpcError as exc:
             summary.record_failure(exc.code().name, len(chunk), exc.details() or "")
         finally:
@@ -188,6 +214,53 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
         status = f"ok {summary.accepted}  errors {summary.failed}  {per_s:.0f} readings/s"
         progress.update(bar, advance=len(chunk), status=status)
 
+    async def _send_until_acknowledged(
+        stub: gateway_pb2_grpc.GatewayStub, chunk: list[reading_pb2.Reading]
+    ) -> None:
+        """Like a logger with a buffer: resend what was refused for ``resend_for_s``."""
+        requests = [gateway_pb2.SendReadingRequest(reading=r) for r in chunk]
+        delay, give_up = 0.2, loop.time() + config.resend_for_s
+        while True:
+            try:
+                if config.batch:
+                    reply = await stub.SendReadings(iter(requests), timeout=config.timeout_s)
+                    refused = {r.index for r in reply.rejected}
+                    if len(refused) < reply.rejected_count:
+                        refused = set(range(len(chunk)))  # not all listed: ledger none
+                    accepted = [r for i, r in enumerate(chunk) if i not in refused]
+                    if rejected := len(chunk) - reply.accepted:
+                        reason = reply.rejected[0].reason if reply.rejected else ""
+                        summary.record_failure("INVALID_ARGUMENT", rejected, reason)
+                else:
+                    await stub.SendReading(requests[0], timeout=config.timeout_s)
+                    accepted = chunk
+                summary.accepted += len(accepted)
+                if ledger is not None:
+                    ledger.write("".join(_ledger_line(r) for r in accepted))
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RESEND_CODES or loop.time() + delay > give_up:
+                    raise
+                summary.resent += len(chunk)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    ledger = _open_ledger(config.ledger)
+    try:
+        await _send_fleet(config, summary, progress, bar, semaphore, tasks, send)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    summary.elapsed_s = loop.time() - start
+    return summary
+
+
+async def _send_fleet(  # type: ignore[no-untyped-def]
+    config: FleetConfig, summary: FleetSummary, progress, bar, semaphore, tasks, send
+) -> None:
+    """Pace the fleet's chunks at ``config.rate`` and wait for every send to finish."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     with progress:
         async with grpc.aio.insecure_channel(config.target) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -204,8 +277,6 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
-    summary.elapsed_s = loop.time() - start
-    return summary
 
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -225,6 +296,12 @@ def main(
     concurrency: Annotated[int, typer.Option(min=1, help="Max RPCs in flight.")] = 64,
     timeout_s: Annotated[float, typer.Option(min=0.001, help="Deadline per RPC, s.")] = 10.0,
     device_prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-00001...")] = "sim",
+    ledger: Annotated[
+        str | None, typer.Option(help="Append every acknowledged reading to this JSONL file.")
+    ] = None,
+    resend_for_s: Annotated[
+        float, typer.Option(help="Resend refused readings (UNAVAILABLE...) for this long, s.")
+    ] = 0.0,
 ) -> None:
     """Run the fleet, print the summary; exit 1 unless every reading was accepted."""
     summary = asyncio.run(run_fleet(FleetConfig(**locals())))  # parameters = FleetConfig fields

@@ -31,6 +31,12 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def hold(self) -> None:
+        """Stop forwarding: callers time out; what they send is kept until ``cut`` drops it."""
+        self._flowing.clear()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -38,10 +44,12 @@ class TcpProxy:
 
     async def cut(self) -> None:
         assert self._server is not None
+        self._flowing.set()  # the held data goes nowhere: its connections close below
         self._server.close()
         for writer in list(self._writers):
             writer.close()
-        await self._server.wait_closed()
+        # Not wait_closed(): in Python 3.11 it waits for every accepted connection, and
+        # one still opening its upstream side is not in _writers yet.
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -51,6 +59,9 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
+                if writer.is_closing():
+                    break
                 writer.write(data)
                 await writer.drain()
         writer.close()

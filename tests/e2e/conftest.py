@@ -32,6 +32,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     log_files: list[IO[bytes]] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def gateway(self) -> str:
@@ -58,6 +59,7 @@ class Stack:
             "ANALYTICS_BILLING_ADDR": f"127.0.0.1:{self.ports['BILLING_PORT']}",
             "ANALYTICS_BILLED_REFRESH_S": "1",
             "ANALYTICS_CATALOG_REFRESH_S": "0.5",
+            **self.extra_env,
         }
 
     async def start(self) -> None:
@@ -98,22 +100,29 @@ class Stack:
         self.log_files.append(log)
         return log
 
-    async def restart(self, service: str) -> None:
-        """SIGTERM one service, start it again, and wait until its /metrics answers."""
+    async def stop_service(self, service: str, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` (SIGTERM: graceful, SIGKILL: crash) and wait for the exit."""
         process = self.processes[service]
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), timeout=20)
-        log = self._open_log(f"{service}.restarted")
+        process.send_signal(sig)
+        await asyncio.wait_for(process.wait(), timeout=30)
+
+    async def start_service(self, service: str) -> None:
+        """Start a stopped service again and wait until its /metrics answers."""
+        log = self._open_log(f"{service}.{len(self.log_files)}")
         self.processes[service] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", service, env=self.env(), stdout=log, stderr=log
         )
-        prefix = service.split("_")[0].upper().replace("API", "GATEWAY")
+        prefix = {"api_gateway": "GATEWAY"}.get(service, service.split("_")[0].upper())
         for _ in range(300):
             self.assert_running()
             if await asyncio.to_thread(check_http, self.metrics_url(prefix)) is None:
                 return
             await asyncio.sleep(0.1)
         raise AssertionError(f"{service} did not come back\n{self.logs()}")
+
+    async def restart(self, service: str) -> None:
+        await self.stop_service(service)
+        await self.start_service(service)
 
     def assert_running(self) -> None:
         for service, process in self.processes.items():

@@ -1,0 +1,125 @@
+"""Dead-lettered messages: list them with their reasons, replay the ones whose cause is fixed.
+
+    python -m scripts.dlq list                 # make dlq
+    python -m scripts.dlq replay ID [ID ...]   # make dlq-replay IDS="..."
+    python -m scripts.dlq replay --all
+
+Listing takes every message off the dead-letter queue without acknowledging it and
+closes the channel, so the broker puts them all back. Replaying publishes a chosen message
+to the readings exchange with a publisher confirm, and only then acknowledges it: a crash
+in between leaves it in both places, and billing's idempotency makes that harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import aio_pika
+import typer
+from aio_pika.abc import AbstractIncomingMessage
+
+from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology, declare_topology
+from common.settings import BrokerSettings, load_settings
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+async def _dead_letters(
+    settings: BrokerSettings, handle: object, limit: int
+) -> list[AbstractIncomingMessage]:
+    """Call ``handle(channel, declared, messages)`` with up to ``limit`` dead letters."""
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        declared = await declare_topology(channel, Topology(settings.topology_prefix))
+        queue = declared.queues[Topology(settings.topology_prefix).dead_letter_queue]
+        messages: list[AbstractIncomingMessage] = []
+        while len(messages) < limit:
+            message = await queue.get(no_ack=False, fail=False, timeout=10)
+            if message is None:
+                break
+            messages.append(message)
+        await handle(declared, messages)  # type: ignore[operator]
+        return messages
+
+
+def _describe(message: AbstractIncomingMessage) -> dict[str, object]:
+    headers = message.headers or {}
+    reason = headers.get(REASON_HEADER)
+    if reason is None and headers.get("x-death"):  # dead-lettered by the broker itself
+        death = headers["x-death"][0]  # type: ignore[index]
+        reason = f"broker: {death.get('reason')} from {death.get('queue')}"  # type: ignore[union-attr]
+    return {
+        "message_id": message.message_id,
+        "reason": str(reason),
+        "queue": str(headers.get("x-original-queue", "")),
+        "body": message.body[:200].decode(errors="replace"),
+    }
+
+
+@app.command("list")
+def list_(
+    limit: Annotated[int, typer.Option(help="show at most this many")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
+) -> None:
+    """Show the dead-lettered messages and why; they all stay in the queue."""
+    settings = load_settings(BrokerSettings)
+
+    async def leave(_declared: object, _messages: object) -> None:
+        return None  # closing the channel returns them all
+
+    messages = asyncio.run(_dead_letters(settings, leave, limit))
+    for message in messages:
+        described = _describe(message)
+        if as_json:
+            typer.echo(json.dumps(described))
+        else:
+            typer.echo(f"{described['message_id']}  {described['reason']}\n    {described['body']}")
+    typer.echo(f"{len(messages)} dead-lettered message(s)", err=True)
+
+
+@app.command()
+def replay(
+    ids: Annotated[list[str] | None, typer.Argument(help="message ids to replay")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="replay every message")] = False,
+) -> None:
+    """Publish chosen dead letters back to the readings exchange, then remove them."""
+    if not ids and not replay_all:
+        raise typer.BadParameter("name the message ids to replay, or pass --all")
+    wanted = set(ids or [])
+    settings = load_settings(BrokerSettings)
+    replayed: list[str] = []
+
+    async def send_back(declared, messages) -> None:  # type: ignore[no-untyped-def]
+        for message in messages:
+            if replay_all or message.message_id in wanted:
+                headers = {
+                    k: v
+                    for k, v in (message.headers or {}).items()
+                    if k not in (REASON_HEADER, "x-original-queue", "x-death")
+                }
+                await declared.exchange.publish(
+                    aio_pika.Message(
+                        message.body,
+                        headers=headers,
+                        content_type=message.content_type,
+                        message_id=message.message_id,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=ROUTING_KEY,
+                )
+                await message.ack()
+                replayed.append(str(message.message_id))
+
+    asyncio.run(_dead_letters(settings, send_back, limit=1_000_000))
+    typer.echo(f"replayed {len(replayed)} message(s): {' '.join(replayed)}")
+    missing = wanted - set(replayed)
+    if missing:
+        typer.echo(f"not in the dead-letter queue: {' '.join(sorted(missing))}", err=True)
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
