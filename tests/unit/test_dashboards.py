@@ -141,8 +141,9 @@ def test_every_panel_of_every_dashboard_is_queried() -> None:
     assert {uid for uid, _title, _expr in QUERIES} == set(EXPECTED_UIDS.values())
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_queries_parse_with_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run `make services`"
     rules = {
         "groups": [
             {
@@ -157,7 +158,7 @@ def test_queries_parse_with_promtool(tmp_path: Path) -> None:
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules), encoding="utf-8")
     result = subprocess.run(
-        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -208,8 +209,7 @@ def test_compose_mounts_the_dashboards_where_the_provider_looks() -> None:
         ),
         None,
     )
-    if grafana is None:
-        pytest.skip("no grafana service in deployments/docker-compose.yml yet")
+    assert grafana is not None, "deployments/docker-compose.yml has no grafana service"
     mounts = _volumes(grafana)
     provider_path = yaml.safe_load(PROVIDERS_FILE.read_text(encoding="utf-8"))["providers"][0][
         "options"
