@@ -25,7 +25,14 @@ from prometheus_client import Counter, Histogram
 from common.messages import PoisonMessage, decode_reading
 from common.metrics import LATENCY_BUCKETS_S
 from common.models import Limits, Reading
-from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology, connect, declare_topology
+from common.rabbit import (
+    REASON_HEADER,
+    ROUTING_KEY,
+    Topology,
+    connect,
+    declare_topology,
+    persistent_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +151,7 @@ class ReadingConsumer:
         headers.update({REASON_HEADER: reason, "x-original-queue": self._queue_name})
         try:
             await self._dead_letter_exchange.publish(
-                aio_pika.Message(
-                    message.body,
-                    headers=headers,
-                    content_type=message.content_type,
-                    message_id=message.message_id,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                routing_key=message.routing_key or ROUTING_KEY,
+                persistent_copy(message, headers), routing_key=message.routing_key or ROUTING_KEY
             )
         except Exception:
             log.exception("could not dead-letter; requeueing", extra={"reason": reason})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -54,6 +55,19 @@ class Topology:
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.prefix}energy.dead-letter"
+
+
+def persistent_copy(
+    message: aio_pika.abc.AbstractIncomingMessage, headers: dict[str, Any]
+) -> aio_pika.Message:
+    """A received message to publish again (dead-lettering, replay): same body and id."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,8 @@ class CountingIngestion(ingestion_pb2_grpc.IngestionServicer):
 
 
 @asynccontextmanager
-async def fake_gateway() -> AsyncIterator[tuple[str, CountingIngestion]]:
-    """A real GatewayApp on a free port, forwarding to a CountingIngestion; yields its target."""
-    fake = CountingIngestion()
+async def fake_gateway(fake: ingestion_pb2_grpc.IngestionServicer) -> AsyncIterator[str]:
+    """A real GatewayApp on a free port, forwarding to ``fake``; yields its target."""
     server = grpc.aio.server()
     ingestion_pb2_grpc.add_IngestionServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -78,7 +77,7 @@ async def fake_gateway() -> AsyncIterator[tuple[str, CountingIngestion]]:
     gateway = GatewayApp(GatewaySettings(port=0, ingestion_addr=f"127.0.0.1:{port}"))
     await gateway.start()
     try:
-        yield f"127.0.0.1:{gateway.port}", fake
+        yield f"127.0.0.1:{gateway.port}"
     finally:
         await gateway.stop()
         await server.stop(None)
@@ -94,7 +93,8 @@ async def run_import(config: ImportConfig, fake: bool) -> tuple[ImportSummary, i
     and, with the fake, how many readings reached ingestion."""
     if not fake:
         return await import_csv(config), None
-    async with fake_gateway() as (target, ingestion):
+    ingestion = CountingIngestion()
+    async with fake_gateway(ingestion) as target:
         summary = await import_csv(ImportConfig(**{**config.__dict__, "target": target}))
         return summary, ingestion.published
 

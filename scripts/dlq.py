@@ -14,20 +14,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import aio_pika
 import typer
 from aio_pika.abc import AbstractIncomingMessage
 
-from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology, declare_topology
+from common.rabbit import (
+    REASON_HEADER,
+    ROUTING_KEY,
+    DeclaredTopology,
+    Topology,
+    declare_topology,
+    persistent_copy,
+)
 from common.settings import BrokerSettings, load_settings
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
+Handle = Callable[[DeclaredTopology, list[AbstractIncomingMessage]], Awaitable[None]]
+
+
 async def _dead_letters(
-    settings: BrokerSettings, handle: object, limit: int
+    settings: BrokerSettings, handle: Handle, limit: int
 ) -> list[AbstractIncomingMessage]:
     """Call ``handle(channel, declared, messages)`` with up to ``limit`` dead letters."""
     connection = await aio_pika.connect(settings.rabbitmq_url, timeout=10)
@@ -41,7 +52,7 @@ async def _dead_letters(
             if message is None:
                 break
             messages.append(message)
-        await handle(declared, messages)  # type: ignore[operator]
+        await handle(declared, messages)
         return messages
 
 
@@ -67,7 +78,7 @@ def list_(
     """Show the dead-lettered messages and why; they all stay in the queue."""
     settings = load_settings(BrokerSettings)
 
-    async def leave(_declared: object, _messages: object) -> None:
+    async def leave(_declared: DeclaredTopology, _messages: list[AbstractIncomingMessage]) -> None:
         return None  # closing the channel returns them all
 
     messages = asyncio.run(_dead_letters(settings, leave, limit))
@@ -92,7 +103,9 @@ def replay(
     settings = load_settings(BrokerSettings)
     replayed: list[str] = []
 
-    async def send_back(declared, messages) -> None:  # type: ignore[no-untyped-def]
+    async def send_back(
+        declared: DeclaredTopology, messages: list[AbstractIncomingMessage]
+    ) -> None:
         for message in messages:
             if replay_all or message.message_id in wanted:
                 headers = {
@@ -101,14 +114,7 @@ def replay(
                     if k not in (REASON_HEADER, "x-original-queue", "x-death")
                 }
                 await declared.exchange.publish(
-                    aio_pika.Message(
-                        message.body,
-                        headers=headers,
-                        content_type=message.content_type,
-                        message_id=message.message_id,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=ROUTING_KEY,
+                    persistent_copy(message, headers), routing_key=ROUTING_KEY
                 )
                 await message.ack()
                 replayed.append(str(message.message_id))

@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from itertools import islice
@@ -247,7 +247,7 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
 
     ledger = _open_ledger(config.ledger)
     try:
-        await _send_fleet(config, summary, progress, bar, semaphore, tasks, send)
+        await _send_fleet(config, summary, progress, semaphore, tasks, send)
     finally:
         if ledger is not None:
             ledger.close()
@@ -255,8 +255,16 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
     return summary
 
 
-async def _send_fleet(  # type: ignore[no-untyped-def]
-    config: FleetConfig, summary: FleetSummary, progress, bar, semaphore, tasks, send
+Send = Callable[[gateway_pb2_grpc.GatewayStub, list[reading_pb2.Reading]], Awaitable[None]]
+
+
+async def _send_fleet(
+    config: FleetConfig,
+    summary: FleetSummary,
+    progress: Progress,
+    semaphore: asyncio.Semaphore,
+    tasks: set[asyncio.Task[None]],
+    send: Send,
 ) -> None:
     """Pace the fleet's chunks at ``config.rate`` and wait for every send to finish."""
     loop = asyncio.get_running_loop()

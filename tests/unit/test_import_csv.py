@@ -14,11 +14,10 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from api_gateway.app import GatewayApp
-from api_gateway.settings import GatewaySettings
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
 from common.models import derive_reading_id
 from scripts import import_csv as importer
+from scripts.bench_import import fake_gateway
 from scripts.import_csv import (
     ImportConfig,
     ImportSummary,
@@ -170,17 +169,8 @@ class RecordingIngestion(ingestion_pb2_grpc.IngestionServicer):
 @pytest.fixture
 async def stack() -> AsyncIterator[tuple[RecordingIngestion, str]]:
     fake = RecordingIngestion()
-    server = grpc.aio.server()
-    ingestion_pb2_grpc.add_IngestionServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    gateway = GatewayApp(GatewaySettings(port=0, ingestion_addr=f"127.0.0.1:{port}"))
-    await gateway.start()
-    try:
-        yield fake, f"127.0.0.1:{gateway.port}"
-    finally:
-        await gateway.stop()
-        await server.stop(None)
+    async with fake_gateway(fake) as target:
+        yield fake, target
 
 
 def config(path: Path, target: str, **kw: object) -> ImportConfig:
