@@ -12,6 +12,7 @@ from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
 from common.grpc_server import GrpcServer, wait_for_termination_signal
 from common.metrics import serve_metrics
 from common.rabbit import Topology
+from common.tls import server_credentials
 from ingestion_service.adapters.rabbit import RabbitPublisher
 from ingestion_service.api import IngestionServicer
 from ingestion_service.settings import IngestionSettings
@@ -37,16 +38,19 @@ class IngestionApp:
 
     async def start(self) -> None:
         await self.publisher.start()
-        self.port = await self.grpc.start(self.settings.host, self.settings.port)
+        self.port = await self.grpc.start(
+            self.settings.host, self.settings.port, server_credentials(self.settings)
+        )
         self._health_task = asyncio.create_task(self._report_broker_health())
         log.info("ingestion listening", extra={"port": self.port})
 
     async def _report_broker_health(self, interval_s: float = 0.5) -> None:
-        """Health is SERVING only while RabbitMQ is connected: a publish would fail otherwise."""
+        """SERVING only while RabbitMQ is connected and not blocking: a publish would fail."""
         serving = None
         while True:
-            if self.publisher.connected != serving:
-                serving = self.publisher.connected
+            accepting = await self.publisher.accepting()
+            if accepting != serving:
+                serving = accepting
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
                     if serving

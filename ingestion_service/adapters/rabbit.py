@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -47,6 +48,17 @@ class ConfirmTimeout(Exception):
     """RabbitMQ did not confirm in time; the readings may or may not be stored."""
 
 
+class BrokerBlocked(BrokerUnavailable):
+    """RabbitMQ blocks publishing (memory or disk alarm); the caller may resend later."""
+
+
+BLOCKED_MESSAGE = (
+    "RabbitMQ is blocking publishers (a memory or disk alarm on the broker); retry later"
+)
+# How often a wait for confirms checks whether the broker has blocked the connection.
+BLOCK_CHECK_INTERVAL_S = 0.1
+
+
 class RabbitPublisher:
     """Owns one robust connection and a confirming channel; reconnects by itself."""
 
@@ -73,19 +85,43 @@ class RabbitPublisher:
     def connected(self) -> bool:
         return self._connection is not None and self._connection.connected.is_set()
 
+    async def accepting(self) -> bool:
+        """Connected and not blocked by a broker alarm, so a publish can be confirmed now.
+
+        RabbitMQ announces a block (connection.blocked) only once the connection publishes
+        during an alarm; aiormq tracks it in ``ready()``, which returns at once unless the
+        connection is down or blocked, so a zero timeout asks without waiting.
+        """
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return False
+        try:
+            async with asyncio.timeout(0):
+                await transport.connection.ready()
+        except TimeoutError:
+            return False
+        return True
+
     async def publish(self, readings: list[Reading]) -> None:
         """Publish all readings, confirms pipelined; return only when every one is confirmed."""
         if not self.connected or self._exchange is None:
             PUBLISH_FAILURES.labels("not_connected").inc()
             raise BrokerUnavailable("RabbitMQ is not reachable; retry shortly")
+        if not await self.accepting():
+            PUBLISH_FAILURES.labels("blocked").inc()
+            raise BrokerBlocked(BLOCKED_MESSAGE)
         exchange = self._exchange
         messages = [_message(reading) for reading in readings]
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._confirm_timeout_s):
-                await asyncio.gather(
+            await self._confirmed(
+                asyncio.gather(
                     *(exchange.publish(m, ROUTING_KEY, mandatory=True) for m in messages)
                 )
+            )
+        except BrokerBlocked:
+            PUBLISH_FAILURES.labels("blocked").inc()
+            raise
         except TimeoutError:
             PUBLISH_FAILURES.labels("confirm_timeout").inc()
             if not self.connected:
@@ -105,6 +141,34 @@ class RabbitPublisher:
         CONFIRM_LATENCY.observe(time.perf_counter() - started)
         BATCH_SIZE.observe(len(readings))
         PUBLISHED.inc(len(readings))
+
+    async def _confirmed(self, confirms: asyncio.Future[object]) -> None:
+        """Wait for the confirms, but stop early once the broker blocks the connection.
+
+        A blocked connection would otherwise hold the caller until the confirm timeout; the
+        messages already written may still be stored when the alarm clears, which is why
+        the caller is told to resend (readings are deduplicated by reading_id).
+        """
+        deadline = asyncio.get_running_loop().time() + self._confirm_timeout_s
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(BLOCK_CHECK_INTERVAL_S):
+                        await asyncio.shield(confirms)
+                    return
+                except TimeoutError:
+                    if self.connected and not await self.accepting():
+                        raise BrokerBlocked(
+                            f"{BLOCKED_MESSAGE}; these readings may be stored when it clears, "
+                            "resend them (they are deduplicated by reading_id)"
+                        ) from None
+                    if asyncio.get_running_loop().time() >= deadline:
+                        raise
+        finally:
+            if not confirms.done():
+                confirms.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await confirms
 
     async def close(self) -> None:
         if self._connecting is not None:

@@ -60,8 +60,10 @@ async def stub(prefix: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     await delete_topology(prefix)
 
 
-async def drain(queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    connection = await aio_pika.connect(RABBITMQ_URL)
+async def drain(
+    queue_name: str, rabbitmq_url: str = RABBITMQ_URL
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(rabbitmq_url)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, passive=True)
