@@ -39,7 +39,7 @@ class AnalyticsApp:
         # apart and to know which accounts to ask billing about.
         self._mongo = MongoLedger.connect(settings.mongodb_url, settings.mongodb_database, 5.0)
         self.catalog = CatalogHolder(MongoCatalog(self._mongo.database))
-        self.billed = BilledAmounts(settings.billing_addr, timeout_s=10.0)
+        self.billed = BilledAmounts(settings.billing_addr, timeout_s=10.0, tls=settings)
         self.consumer = ReadingConsumer(
             "analytics",
             settings.rabbitmq_url,

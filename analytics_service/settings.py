@@ -4,9 +4,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import BrokerSettings, Port
+from common.tls import InternalClientTlsSettings
 
 
-class AnalyticsSettings(BrokerSettings):
+class AnalyticsSettings(BrokerSettings, InternalClientTlsSettings):
     """Consumes analytics.readings; /metrics on :9100."""
 
     model_config = SettingsConfigDict(env_prefix="ANALYTICS_", extra="ignore", frozen=True)

@@ -11,6 +11,7 @@ from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
 from common.grpc_server import GrpcServer, wait_for_termination_signal
 from common.metrics import serve_metrics
+from common.tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -21,8 +22,12 @@ class GatewayApp:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.ingestion = IngestionClient(settings.ingestion_addr, settings.ingestion_timeout_s)
-        self.billing = BillingClient(settings.billing_addr, settings.billing_timeout_s)
+        self.ingestion = IngestionClient(
+            settings.ingestion_addr, settings.ingestion_timeout_s, tls=settings
+        )
+        self.billing = BillingClient(
+            settings.billing_addr, settings.billing_timeout_s, tls=settings
+        )
         self.grpc = GrpcServer([SERVICE_NAME], max_message_bytes=settings.max_message_bytes)
         servicer = GatewayServicer(
             self.ingestion,
@@ -35,7 +40,9 @@ class GatewayApp:
         self.port = 0
 
     async def start(self) -> None:
-        self.port = await self.grpc.start(self.settings.host, self.settings.port)
+        self.port = await self.grpc.start(
+            self.settings.host, self.settings.port, server_credentials(self.settings)
+        )
         log.info("gateway listening", extra={"port": self.port})
 
     async def stop(self) -> None:

@@ -4,9 +4,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import Port, ServiceSettings
+from common.tls import InternalClientTlsSettings, ServerTlsSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSettings):
     """Public gRPC on :50051, /metrics on :9101."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", frozen=True)

@@ -22,6 +22,7 @@ from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.grpc_server import GrpcServer, wait_for_termination_signal
 from common.metrics import serve_metrics
 from common.rabbit import Topology
+from common.tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["Billing"].full_name
@@ -80,7 +81,9 @@ class BillingApp:
             asyncio.create_task(self.handler.refresh_stale()),
             asyncio.create_task(self.catalog.refresh_forever(self.settings.catalog_refresh_s)),
         ]
-        self.port = await self.grpc.start(self.settings.host, self.settings.port)
+        self.port = await self.grpc.start(
+            self.settings.host, self.settings.port, server_credentials(self.settings)
+        )
         log.info("billing consuming", extra={"port": self.port})
 
     async def stop(self) -> None:

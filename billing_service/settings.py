@@ -4,9 +4,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import BrokerSettings, Port
+from common.tls import ServerTlsSettings
 
 
-class BillingSettings(BrokerSettings):
+class BillingSettings(BrokerSettings, ServerTlsSettings):
     """Consumes billing.readings; gRPC (health; queries later) on :50053, /metrics on :9103."""
 
     model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore", frozen=True)

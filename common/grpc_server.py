@@ -35,9 +35,15 @@ class GrpcServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start; returns the bound port (useful with port 0 in tests)."""
-        bound = self.server.add_insecure_port(f"{host}:{port}")
+    async def start(
+        self, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+    ) -> int:
+        """Bind (TLS with ``credentials``, else plaintext), start, return the bound port."""
+        address = f"{host}:{port}"
+        if credentials is None:
+            bound = self.server.add_insecure_port(address)
+        else:
+            bound = self.server.add_secure_port(address, credentials)
         if bound == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         await self.server.start()

@@ -94,7 +94,10 @@ def load_settings(settings_class: type[T]) -> T:
         by_field = {field: env for env, field in env_names(settings_class).items()}
         lines = [f"invalid configuration for {settings_class.__name__}:"]
         for problem in error.errors():
-            field = str(problem["loc"][0]) if problem["loc"] else "?"
+            if not problem["loc"]:  # a check across fields: its input is every value, secrets too
+                lines.append(f"  {problem['msg']}")
+                continue
+            field = str(problem["loc"][0])
             variable = by_field.get(field, field.upper())
             lines.append(f"  {variable}={problem.get('input')!r}: {problem['msg']}")
         sys.exit("\n".join(lines))

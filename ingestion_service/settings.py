@@ -4,9 +4,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import BrokerSettings, Port
+from common.tls import ServerTlsSettings
 
 
-class IngestionSettings(BrokerSettings):
+class IngestionSettings(BrokerSettings, ServerTlsSettings):
     """Internal gRPC on :50052, /metrics on :9102."""
 
     model_config = SettingsConfigDict(env_prefix="INGESTION_", extra="ignore", frozen=True)

@@ -12,6 +12,7 @@ from prometheus_client import Gauge
 
 from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.metrics import ClientMetricsInterceptor
+from common.tls import InternalClientTlsSettings, client_channel
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,10 @@ BILLED = Gauge(
 class BilledAmounts:
     """Polls GetAccountBill for every account of the catalog and sums totals by currency."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address, interceptors=[ClientMetricsInterceptor()]
-        )
+    def __init__(
+        self, address: str, timeout_s: float, tls: InternalClientTlsSettings | None = None
+    ) -> None:
+        self._channel = client_channel(address, tls, [ClientMetricsInterceptor()])
         self._stub = billing_pb2_grpc.BillingStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from common.energy.v1 import billing_pb2_grpc
 from common.metrics import ClientMetricsInterceptor
+from common.tls import InternalClientTlsSettings, client_channel
 
 
 class BillingClient:
     """Calls an ``energy.v1.Billing`` RPC by name; raises grpc.aio.AioRpcError on failure."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address, interceptors=[ClientMetricsInterceptor()]
-        )
+    def __init__(
+        self, address: str, timeout_s: float, tls: InternalClientTlsSettings | None = None
+    ) -> None:
+        self._channel = client_channel(address, tls, [ClientMetricsInterceptor()])
         self._stub = billing_pb2_grpc.BillingStub(self._channel)
         self._timeout_s = timeout_s
 

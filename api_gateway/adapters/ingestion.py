@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import grpc
-
 from common.convert import reading_to_proto
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
 from common.metrics import ClientMetricsInterceptor
 from common.models import Reading
+from common.tls import InternalClientTlsSettings, client_channel
 
 
 class IngestionClient:
     """Forwards validated readings; raises grpc.aio.AioRpcError on failure."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address, interceptors=[ClientMetricsInterceptor()]
-        )
+    def __init__(
+        self, address: str, timeout_s: float, tls: InternalClientTlsSettings | None = None
+    ) -> None:
+        self._channel = client_channel(address, tls, [ClientMetricsInterceptor()])
         self._stub = ingestion_pb2_grpc.IngestionStub(self._channel)
         self._timeout_s = timeout_s
 
