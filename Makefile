@@ -16,6 +16,12 @@ RATE ?= 200
 DURATION ?= 30
 TARGET ?= 127.0.0.1:50051
 CATALOG ?= deployments/tariffs.yaml
+# The gateway's admin token for make dev and make up, generated once into .admin-token
+# (git-ignored). The client scripts send it as GATEWAY_TOKEN, so it may send for any device.
+ADMIN_TOKEN_FILE := .admin-token
+ADMIN_TOKEN = $(shell cat $(ADMIN_TOKEN_FILE))
+dev up: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
+simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
 .PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-import test test-unit lint fmt up down compose-check clean
 
@@ -33,27 +39,31 @@ install: $(VENV)/.installed ## Create .venv and install the project with its dev
 proto: install ## Generate the Python stubs from common/energy/v1/*.proto
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
+$(ADMIN_TOKEN_FILE):
+	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $@
+	@echo "generated the gateway's admin token in $@ (grpcurl -H \"authorization: Bearer \$$(cat $@)\" ...)"
+
 services: ## Install (when missing) and start RabbitMQ, Redis, FerretDB, grpcurl locally
 	bash scripts/services.sh
 
-dev: proto services ## Run the four services as local processes (Ctrl-C stops them)
+dev: proto services $(ADMIN_TOKEN_FILE) ## Run the four services as local processes (Ctrl-C stops them)
 	$(PY) -m scripts.seed --if-empty $(CATALOG)
 	honcho -f deployments/Procfile.dev -d . start
 
 seed: install ## Load tariffs, accounts and devices into MongoDB: CATALOG (deployments/tariffs.yaml)
 	$(PY) -m scripts.seed $(CATALOG)
 
-import: install ## Send a CSV through SendReadings: CSV=path [DEVICE=id] [TIME_ZONE=Europe/Oslo]
+import: install $(ADMIN_TOKEN_FILE) ## Send a CSV through SendReadings: CSV=path [DEVICE=id] [TIME_ZONE=Europe/Oslo]
 	@test -n "$(CSV)" || { echo "usage: make import CSV=path [DEVICE=id] [TIME_ZONE=zone]"; exit 2; }
 	$(PY) -m scripts.import_csv $(CSV) --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(TIME_ZONE),--time-zone $(TIME_ZONE))
 
-bench-import: install ## Import 1,000,000 generated rows into a running gateway: rows/s, peak RSS
+bench-import: install $(ADMIN_TOKEN_FILE) ## Import 1,000,000 generated rows into a running gateway: rows/s, peak RSS
 	$(PY) -m scripts.bench_import --rows 1000000 --target $(TARGET)
 
-simulate: install ## Virtual loggers: DEVICES, RATE (readings/s), DURATION (s), LEDGER (JSONL of acks)
+simulate: install $(ADMIN_TOKEN_FILE) ## Virtual loggers: DEVICES, RATE (readings/s), DURATION (s), LEDGER (JSONL of acks)
 	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET) $(if $(LEDGER),--ledger $(LEDGER) --resend-for-s 120)
 
-reconcile: install ## Check a ledger of acknowledged readings against billing: LEDGER=path
+reconcile: install $(ADMIN_TOKEN_FILE) ## Check a ledger of acknowledged readings against billing: LEDGER=path
 	@test -n "$(LEDGER)" || { echo "usage: make reconcile LEDGER=path.jsonl"; exit 2; }
 	$(PY) -m scripts.reconcile $(LEDGER) --target $(TARGET) --wait-s 30
 
@@ -67,7 +77,7 @@ dlq-replay: install ## Replay dead letters once their cause is fixed: IDS="id1 i
 test-faults: proto services ## Only the fault tests: kills, broker and store outages under load
 	$(PY) -m pytest tests/faults
 
-bench: install ## Load a running gateway (make dev): unary, then streams of 100; prints readings/s
+bench: install $(ADMIN_TOKEN_FILE) ## Load a running gateway (make dev): unary, then streams of 100; prints readings/s
 	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-unary
 	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-batch --batch 100
 
@@ -88,7 +98,7 @@ fmt: install ## Format and fix what ruff can
 compose-check: install ## Validate deployments/docker-compose.yml against the compose specification
 	check-jsonschema --builtin-schema vendor.compose-spec deployments/docker-compose.yml
 
-up: ## The whole stack in docker compose (needs Docker)
+up: $(ADMIN_TOKEN_FILE) ## The whole stack in docker compose (needs Docker)
 	$(COMPOSE) up -d --build --wait
 	@echo "gateway grpc://localhost:50051  RabbitMQ UI http://localhost:15672 (guest/guest)  analytics http://localhost:9100/metrics"
 

@@ -11,10 +11,18 @@ import grpc
 from prometheus_client import Counter
 
 from api_gateway.adapters.billing import BillingClient
+from api_gateway.adapters.credentials import (
+    CredentialStoreUnavailable,
+    DeviceExists,
+    MongoCredentialStore,
+    UnknownDevice,
+)
 from api_gateway.adapters.ingestion import IngestionClient
+from api_gateway.auth import Principal
+from api_gateway.guard import Guard
 from common.convert import reading_from_proto
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc
-from common.models import InvalidReading, Limits, Reading
+from common.models import ID_PATTERN, ID_RULE, InvalidReading, Limits, Reading
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +39,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self,
         ingestion: IngestionClient,
         billing: BillingClient,
+        guard: Guard,
         limits: Limits,
         batch_size: int,
         max_reported_rejections: int,
+        max_stream_readings: int,
     ) -> None:
         self._ingestion = ingestion
         self._billing = billing
+        self._guard = guard
         self._limits = limits
         self._batch_size = batch_size
         self._max_reported_rejections = max_reported_rejections
+        self._max_stream_readings = max_stream_readings
 
     async def SendReading(
         self, request: gateway_pb2.SendReadingRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SendReadingResponse:
+        principal = await self._guard.caller(context)
         try:
             reading = self._validate(request)
         except InvalidReading as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await self._guard.require_device(principal, reading.device_id, context)
+        await self._guard.admit(principal, [reading], context)
         await self._forward([reading], context, accepted_before=None)
         return gateway_pb2.SendReadingResponse(reading_id=reading.reading_id)
 
@@ -56,29 +71,51 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request_iterator: AsyncIterator[gateway_pb2.SendReadingRequest],
         context: grpc.aio.ServicerContext,
     ) -> gateway_pb2.SendReadingsResponse:
+        principal = await self._guard.caller(context)
         response = gateway_pb2.SendReadingsResponse()
         rejected_count = 0
         batch: list[Reading] = []
         index = 0
         async for request in request_iterator:
+            if index >= self._max_stream_readings:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a stream carries at most {self._max_stream_readings} readings "
+                    f"(GATEWAY_MAX_STREAM_READINGS); open a new stream for the rest"
+                    + _accepted_note(response.accepted),
+                )
             try:
-                batch.append(self._validate(request))
+                reading = self._validate(request)
             except InvalidReading as error:
                 rejected_count += 1
                 if rejected_count <= self._max_reported_rejections:
                     response.rejected.add(
                         index=index, device_id=request.reading.device_id[:128], reason=str(error)
                     )
+            else:
+                await self._guard.require_device(
+                    principal, reading.device_id, context, _accepted_note(response.accepted)
+                )
+                batch.append(reading)
             if len(batch) >= self._batch_size:
-                await self._forward(batch, context, accepted_before=response.accepted)
-                response.accepted += len(batch)
+                await self._send_batch(principal, batch, context, response)
                 batch = []
             index += 1
         if batch:
-            await self._forward(batch, context, accepted_before=response.accepted)
-            response.accepted += len(batch)
+            await self._send_batch(principal, batch, context, response)
         response.rejected_count = rejected_count
         return response
+
+    async def _send_batch(
+        self,
+        principal: Principal,
+        batch: list[Reading],
+        context: grpc.aio.ServicerContext,
+        response: gateway_pb2.SendReadingsResponse,
+    ) -> None:
+        await self._guard.admit(principal, batch, context, _accepted_note(response.accepted))
+        await self._forward(batch, context, accepted_before=response.accepted)
+        response.accepted += len(batch)
 
     def _validate(self, request: gateway_pb2.SendReadingRequest) -> Reading:
         try:
@@ -103,10 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if code == grpc.StatusCode.UNAVAILABLE and "RabbitMQ" not in details:
                 details = f"ingestion service unreachable ({details}); retry shortly"
             if accepted_before is not None:
-                details += (
-                    f". {accepted_before} readings of this stream were accepted before the "
-                    "failure; resend the stream: accepted readings are deduplicated by reading_id"
-                )
+                details += _accepted_note(accepted_before)
             log.warning("forward to ingestion failed", extra={"code": code.name, "error": details})
             await context.abort(code, details)
         READINGS_ACCEPTED.inc(len(readings))
@@ -114,26 +148,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def GetLatestReading(
         self, request: billing_pb2.GetLatestReadingRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetLatestReadingResponse:
+        principal = await self._guard.caller(context)
+        await self._guard.require_device(principal, request.device_id, context)
         return await self._ask_billing("GetLatestReading", request, context)
 
     async def GetDeviceBill(
         self, request: billing_pb2.GetDeviceBillRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetDeviceBillResponse:
+        principal = await self._guard.caller(context)
+        await self._guard.require_device(principal, request.device_id, context)
         return await self._ask_billing("GetDeviceBill", request, context)
 
     async def GetAccountBill(
         self, request: billing_pb2.GetAccountBillRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetAccountBillResponse:
+        principal = await self._guard.caller(context)
+        if not (principal.admin or principal.unchecked):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "account bills need the admin token"
+            )
         return await self._ask_billing("GetAccountBill", request, context)
 
     async def GetUsage(
         self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetUsageResponse:
+        principal = await self._guard.caller(context)
+        await self._guard.require_device(principal, request.device_id, context)
         return await self._ask_billing("GetUsage", request, context)
 
     async def ListReadings(
         self, request: billing_pb2.ListReadingsRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.ListReadingsResponse:
+        principal = await self._guard.caller(context)
+        await self._guard.require_device(principal, request.device_id, context)
         return await self._ask_billing("ListReadings", request, context)
 
     async def _ask_billing(
@@ -147,3 +194,80 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"billing service unreachable ({details}); retry shortly"
             await context.abort(code, details)
+
+
+def _accepted_note(accepted: int) -> str:
+    return (
+        f". {accepted} readings of this stream were accepted before the failure; resend the "
+        "stream: accepted readings are deduplicated by reading_id"
+    )
+
+
+class DeviceAdminServicer(gateway_pb2_grpc.DeviceAdminServicer):
+    """Issue, rotate and revoke device tokens; every call needs the admin token."""
+
+    def __init__(self, guard: Guard, store: MongoCredentialStore) -> None:
+        self._guard = guard
+        self._store = store
+
+    async def RegisterDevice(
+        self, request: gateway_pb2.RegisterDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DeviceTokenResponse:
+        await self._checked(request.device_id, context)
+        try:
+            issued = await self._store.register(request.device_id)
+        except DeviceExists:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"device {request.device_id!r} already has a token; use RotateDeviceToken "
+                "to replace it",
+            )
+        except CredentialStoreUnavailable:
+            await _store_unavailable(context)
+        log.info("device registered", extra={"device_id": request.device_id})
+        return gateway_pb2.DeviceTokenResponse(device_id=request.device_id, token=issued.token)
+
+    async def RotateDeviceToken(
+        self, request: gateway_pb2.RotateDeviceTokenRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DeviceTokenResponse:
+        await self._checked(request.device_id, context)
+        try:
+            issued = await self._store.rotate(request.device_id)
+        except UnknownDevice:
+            await _unknown_device(request.device_id, context)
+        except CredentialStoreUnavailable:
+            await _store_unavailable(context)
+        log.info("device token rotated", extra={"device_id": request.device_id})
+        return gateway_pb2.DeviceTokenResponse(device_id=request.device_id, token=issued.token)
+
+    async def RevokeDevice(
+        self, request: gateway_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RevokeDeviceResponse:
+        await self._checked(request.device_id, context)
+        try:
+            await self._store.revoke(request.device_id)
+        except UnknownDevice:
+            await _unknown_device(request.device_id, context)
+        except CredentialStoreUnavailable:
+            await _store_unavailable(context)
+        log.info("device token revoked", extra={"device_id": request.device_id})
+        return gateway_pb2.RevokeDeviceResponse(device_id=request.device_id)
+
+    async def _checked(self, device_id: str, context: grpc.aio.ServicerContext) -> None:
+        await self._guard.require_admin(context)
+        if not ID_PATTERN.fullmatch(device_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"device_id: {device_id[:64]!r}: use {ID_RULE}"
+            )
+
+
+async def _unknown_device(device_id: str, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.NOT_FOUND, f"device {device_id!r} has no token; use RegisterDevice"
+    )
+
+
+async def _store_unavailable(context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE, "credential store (MongoDB) unreachable; retry shortly"
+    )

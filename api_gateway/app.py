@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import logging
 
+from redis.asyncio import Redis
+
 from api_gateway.adapters.billing import BillingClient
+from api_gateway.adapters.credentials import MongoCredentialStore
 from api_gateway.adapters.ingestion import IngestionClient
-from api_gateway.api import GatewayServicer
+from api_gateway.api import DeviceAdminServicer, GatewayServicer
+from api_gateway.auth import Authenticator
+from api_gateway.guard import Guard
+from api_gateway.ratelimit import RedisRateLimiter
 from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
 from common.grpc_server import GrpcServer, wait_for_termination_signal
@@ -15,6 +21,7 @@ from common.tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+ADMIN_SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["DeviceAdmin"].full_name
 
 
 class GatewayApp:
@@ -28,18 +35,57 @@ class GatewayApp:
         self.billing = BillingClient(
             settings.billing_addr, settings.billing_timeout_s, tls=settings
         )
-        self.grpc = GrpcServer([SERVICE_NAME], max_message_bytes=settings.max_message_bytes)
+        self.grpc = GrpcServer(
+            [SERVICE_NAME, ADMIN_SERVICE_NAME],
+            max_message_bytes=settings.max_message_bytes,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_concurrent_streams=settings.max_concurrent_streams,
+        )
+        self.credentials = MongoCredentialStore.connect(
+            settings.mongodb_url,
+            settings.mongodb_database,
+            settings.mongodb_timeout_s,
+            settings.auth_cache_ttl_s,
+        )
+        self.redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.rate_limit_timeout_s,
+            socket_connect_timeout=settings.rate_limit_timeout_s,
+        )
+        limiter = RedisRateLimiter(
+            self.redis,
+            settings.rate_limits,
+            key_prefix=settings.redis_key_prefix,
+            timeout_s=settings.rate_limit_timeout_s,
+        )
+        admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        guard = Guard(
+            Authenticator(self.credentials, admin_token),
+            settings.auth_enabled,
+            limiter,
+            settings.rate_limits,
+        )
         servicer = GatewayServicer(
             self.ingestion,
             self.billing,
+            guard,
             settings.limits,
             settings.batch_size,
             settings.max_reported_rejections,
+            settings.max_stream_readings,
         )
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, self.grpc.server)
+        gateway_pb2_grpc.add_DeviceAdminServicer_to_server(
+            DeviceAdminServicer(guard, self.credentials), self.grpc.server
+        )
         self.port = 0
 
     async def start(self) -> None:
+        if not self.settings.auth_enabled:
+            log.warning(
+                "authentication is OFF (GATEWAY_AUTH_ENABLED=false): anyone reaching this port "
+                "may send readings for any device; never run like this outside a laptop"
+            )
         self.port = await self.grpc.start(
             self.settings.host, self.settings.port, server_credentials(self.settings)
         )
@@ -49,6 +95,8 @@ class GatewayApp:
         await self.grpc.stop(self.settings.shutdown_grace_s)
         await self.ingestion.close()
         await self.billing.close()
+        await self.redis.aclose()
+        self.credentials.close()
 
 
 async def run(settings: GatewaySettings) -> None:

@@ -1,8 +1,11 @@
 """Settings of api_gateway, from GATEWAY_* and the shared variables."""
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from api_gateway.ratelimit import RateLimits
 from common.settings import Port, ServiceSettings
 from common.tls import InternalClientTlsSettings, ServerTlsSettings
 
@@ -23,3 +26,60 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
     max_message_bytes: int = Field(1024 * 1024, ge=1024, description="largest request accepted")
     max_reported_rejections: int = Field(1000, ge=0, description="rejections listed per stream")
     shutdown_grace_s: float = Field(10.0, ge=0)
+
+    # Credentials (device tokens in MongoDB; the admin token from the environment).
+    auth_enabled: bool = Field(True, description="false only for local experiments")
+    admin_token: SecretStr | None = Field(
+        None, min_length=16, description="manages devices; may send and read for any device"
+    )
+    auth_cache_ttl_s: float = Field(5.0, ge=0, description="how long a token lookup is reused")
+    mongodb_url: str = Field(
+        "mongodb://127.0.0.1:27017/", pattern="^mongodb(\\+srv)?://", validation_alias="MONGODB_URL"
+    )
+    mongodb_database: str = Field(
+        "energy", pattern="^[A-Za-z0-9_-]{1,63}$", validation_alias="MONGODB_DATABASE"
+    )
+    mongodb_timeout_s: float = Field(2.0, gt=0, description="deadline of each credential lookup")
+
+    # Rate limits: token buckets in Redis, shared by every gateway replica.
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", pattern="^rediss?://", validation_alias="REDIS_URL"
+    )
+    redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
+    rate_limit_timeout_s: float = Field(0.5, gt=0, description="then the limiter lets readings in")
+    device_rate_per_s: float = Field(10.0, ge=0, description="readings/s per device; 0: no limit")
+    device_burst: int = Field(1000, ge=1, description="readings a device may send at once")
+    global_rate_per_s: float = Field(20_000.0, ge=0, description="readings/s in all; 0: no limit")
+    global_burst: int = Field(40_000, ge=1)
+
+    # Limits on connections and streams.
+    max_stream_readings: int = Field(100_000, ge=1, description="readings one stream may carry")
+    max_concurrent_rpcs: int = Field(1000, ge=1, description="then RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = Field(100, ge=1, description="HTTP/2 streams per connection")
+
+    @model_validator(mode="after")
+    def _auth_needs_admin_token(self) -> Self:
+        if self.auth_enabled and self.admin_token is None:
+            raise ValueError(
+                "GATEWAY_ADMIN_TOKEN is required while GATEWAY_AUTH_ENABLED is true: set it to a "
+                "random secret of 16+ characters (e.g. `openssl rand -hex 32`)"
+            )
+        for name, rate, burst in (
+            ("GATEWAY_DEVICE_BURST", self.device_rate_per_s, self.device_burst),
+            ("GATEWAY_GLOBAL_BURST", self.global_rate_per_s, self.global_burst),
+        ):
+            if rate > 0 and burst < self.batch_size:
+                raise ValueError(
+                    f"{name} ({burst}) must be at least GATEWAY_BATCH_SIZE ({self.batch_size}), "
+                    "or a full batch could never pass"
+                )
+        return self
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        return RateLimits(
+            device_rate_per_s=self.device_rate_per_s,
+            device_burst=self.device_burst,
+            global_rate_per_s=self.global_rate_per_s,
+            global_burst=self.global_burst,
+        )

@@ -15,18 +15,43 @@ from common.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_CONCURRENT_STREAMS = 100  # HTTP/2 streams (calls) at once on one client connection
+# Ping idle connections every 60 s and drop them when no answer comes within 20 s (dead
+# NAT entries, vanished loggers); refuse clients that ping more often than every 10 s;
+# close connections idle for 5 minutes, and recycle every connection after 30 minutes (with
+# 30 s for calls in progress) so load spreads again over replicas added since.
+KEEPALIVE_POLICY: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_connection_age_ms", 1_800_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+]
 
 
 class GrpcServer:
     """Owns a ``grpc.aio.Server`` and its health servicer; services add their servicers."""
 
-    def __init__(self, service_names: Iterable[str], max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        service_names: Iterable[str],
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_concurrent_rpcs: int | None = None,
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+    ):
         self.server = grpc.aio.server(
             interceptors=[MetricsInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_concurrent_streams", max_concurrent_streams),
+                *KEEPALIVE_POLICY,
             ],
+            # Past this many calls in progress, new ones get RESOURCE_EXHAUSTED at once
+            # instead of queueing in memory.
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -99,5 +99,12 @@ def load_settings(settings_class: type[T]) -> T:
                 continue
             field = str(problem["loc"][0])
             variable = by_field.get(field, field.upper())
-            lines.append(f"  {variable}={problem.get('input')!r}: {problem['msg']}")
+            shown = "<hidden>" if _is_secret(settings_class, field) else repr(problem.get("input"))
+            lines.append(f"  {variable}={shown}: {problem['msg']}")
         sys.exit("\n".join(lines))
+
+
+def _is_secret(settings_class: type[BaseSettings], field: str) -> bool:
+    """Secret fields (tokens) are never echoed in a configuration error."""
+    info = settings_class.model_fields.get(field)
+    return info is not None and "SecretStr" in repr(info.annotation)

@@ -74,7 +74,15 @@ async def fake_gateway(fake: ingestion_pb2_grpc.IngestionServicer) -> AsyncItera
     ingestion_pb2_grpc.add_IngestionServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    gateway = GatewayApp(GatewaySettings(port=0, ingestion_addr=f"127.0.0.1:{port}"))
+    # Auth and rate limits off: this measures the importer and the gateway's own work.
+    settings = GatewaySettings(
+        port=0,
+        ingestion_addr=f"127.0.0.1:{port}",
+        auth_enabled=False,
+        device_rate_per_s=0,
+        global_rate_per_s=0,
+    )
+    gateway = GatewayApp(settings)
     await gateway.start()
     try:
         yield f"127.0.0.1:{gateway.port}"

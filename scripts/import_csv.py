@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
+from common.gateway_client import gateway_channel
 from common.models import ID_PATTERN, ID_RULE
 
 DEVICE_HEADER = ("device_id", "timestamp", "usage_kwh")
@@ -173,6 +174,7 @@ class ImportConfig:
     retry_initial_s: float = 0.5
     retry_max_s: float = 10.0
     show_progress: bool = True
+    token: str | None = None
 
 
 @dataclass
@@ -336,7 +338,7 @@ async def import_csv(config: ImportConfig) -> ImportSummary:
     with config.path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
         batches = _batches(parse_rows(file, config.device, zone), config.batch, summary)
         with progress:
-            async with grpc.aio.insecure_channel(config.target) as channel:
+            async with gateway_channel(config.target, config.token) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
                 while True:
                     await slots.acquire()
@@ -366,9 +368,13 @@ def main(
     streams: Annotated[int, typer.Option(min=1, help="SendReadings calls in flight.")] = 4,
     timeout_s: Annotated[float, typer.Option(min=0.001, help="Deadline per call, s.")] = 60.0,
     time_zone: Annotated[str, typer.Option(help="Zone of timestamps without offset.")] = "UTC",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="GATEWAY_TOKEN", help="Bearer token: a device's, or the admin one."),
+    ] = None,
 ) -> None:
     """Import the file, print problems (stderr) and the summary; exit 0, 1 or 2."""
-    config = ImportConfig(path, device, target, batch, streams, timeout_s, time_zone)
+    config = ImportConfig(path, device, target, batch, streams, timeout_s, time_zone, token=token)
     try:
         summary = asyncio.run(import_csv(config))
     except InputError as error:

@@ -24,10 +24,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 
 from common.energy.v1 import billing_pb2, gateway_pb2_grpc
+from common.gateway_client import gateway_channel
 
 DAY = timedelta(days=1)
 TICK = timedelta(microseconds=1)
@@ -112,10 +112,12 @@ def _day(instant: datetime) -> datetime:
     return instant.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-async def reconcile(ledger: Path, target: str, wait_s: float) -> list[DeviceCheck]:
+async def reconcile(
+    ledger: Path, target: str, wait_s: float, token: str | None = None
+) -> list[DeviceCheck]:
     devices = read_ledger(ledger)
     deadline = time.monotonic() + wait_s
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with gateway_channel(target, token) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         while True:
             pending = [d for d in devices.values() if not d.exact]
@@ -162,9 +164,13 @@ def main(
     wait_s: Annotated[
         float, typer.Option(help="Keep checking this long while billing catches up")
     ] = 0.0,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="GATEWAY_TOKEN", help="Bearer token: a device's, or the admin one."),
+    ] = None,
 ) -> None:
     """Print expected against billed per device; exit 1 on any difference."""
-    results = asyncio.run(reconcile(ledger, target, wait_s))
+    results = asyncio.run(reconcile(ledger, target, wait_s, token))
     typer.echo(render(results))
     raise typer.Exit(0 if all(d.exact for d in results) else 1)
 

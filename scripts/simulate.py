@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.gateway_client import gateway_channel
 from common.models import derive_reading_id
 
 
@@ -44,6 +45,7 @@ class FleetConfig:
     show_progress: bool = True
     ledger: str | None = None
     resend_for_s: float = 0.0
+    token: str | None = None
 
     @property
     def per_device(self) -> int:
@@ -270,7 +272,7 @@ async def _send_fleet(
     loop = asyncio.get_running_loop()
     start = loop.time()
     with progress:
-        async with grpc.aio.insecure_channel(config.target) as channel:
+        async with gateway_channel(config.target, config.token) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             for chunk in fleet_batches(config, time.time(), random.Random(config.seed)):
                 delay = due_at(start, summary.sent, len(chunk), config.rate) - loop.time()
@@ -310,6 +312,10 @@ def main(
     resend_for_s: Annotated[
         float, typer.Option(help="Resend refused readings (UNAVAILABLE...) for this long, s.")
     ] = 0.0,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="GATEWAY_TOKEN", help="Bearer token: a device's, or the admin one."),
+    ] = None,
 ) -> None:
     """Run the fleet, print the summary; exit 1 unless every reading was accepted."""
     summary = asyncio.run(run_fleet(FleetConfig(**locals())))  # parameters = FleetConfig fields

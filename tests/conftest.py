@@ -21,6 +21,11 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 MONGODB_URL = os.environ.get("MONGODB_URL", "mongodb://127.0.0.1:27017/")
 
 
+# The gateway's admin credential in every test stack: it may send and read for any device.
+ADMIN_TOKEN = "test-admin-token-not-secret-0123456789"
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
 @pytest.fixture
 def prefix() -> str:
     """A unique prefix for queue names, Redis keys and database names of one test."""

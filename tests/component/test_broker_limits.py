@@ -23,9 +23,16 @@ import httpx
 import pytest
 
 from common.energy.v1 import gateway_pb2_grpc
+from common.gateway_client import gateway_channel
 from common.rabbit import Topology
 from tests.component.test_ingestion import drain, request, start_pipeline
-from tests.conftest import RABBITMQ_MANAGEMENT_URL, delete_topology, free_port, wait_until
+from tests.conftest import (
+    ADMIN_TOKEN,
+    RABBITMQ_MANAGEMENT_URL,
+    delete_topology,
+    free_port,
+    wait_until,
+)
 
 
 @dataclass
@@ -55,7 +62,7 @@ async def pipeline_on(prefix: str, rabbitmq_url: str | None = None):  # type: ig
     kwargs = {"rabbitmq_url": rabbitmq_url} if rabbitmq_url else {}
     ingestion, gateway = await start_pipeline(prefix, **kwargs)
     await ingestion.publisher._connecting
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    channel = gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN)
     return ingestion, gateway, channel, gateway_pb2_grpc.GatewayStub(channel)
 
 

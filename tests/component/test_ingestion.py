@@ -14,11 +14,12 @@ from prometheus_client import REGISTRY
 from api_gateway.app import GatewayApp
 from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.gateway_client import gateway_channel
 from common.models import derive_reading_id
 from common.rabbit import Topology
 from ingestion_service.app import IngestionApp
 from ingestion_service.settings import IngestionSettings
-from tests.conftest import RABBITMQ_URL, delete_topology, free_port, queue_info
+from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, delete_topology, free_port, queue_info
 
 T = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
@@ -42,6 +43,9 @@ async def start_pipeline(prefix: str, rabbitmq_url: str = RABBITMQ_URL, ingestio
             batch_size=7,
             ingestion_addr=ingestion_addr or f"127.0.0.1:{ingestion.port}",
             ingestion_timeout_s=3,
+            admin_token=ADMIN_TOKEN,
+            mongodb_database=prefix.strip("-"),
+            redis_key_prefix=prefix,
         )
     )
     await gateway.start()
@@ -52,7 +56,7 @@ async def start_pipeline(prefix: str, rabbitmq_url: str = RABBITMQ_URL, ingestio
 async def stub(prefix: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     ingestion, gateway = await start_pipeline(prefix)
     await ingestion.publisher._connecting  # connected before the first RPC
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    channel = gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN)
     yield gateway_pb2_grpc.GatewayStub(channel)
     await channel.close()
     await gateway.stop()
@@ -122,7 +126,7 @@ async def test_broker_unreachable_means_unavailable_and_nothing_accepted(prefix:
     ingestion, gateway = await start_pipeline(prefix, rabbitmq_url=closed)
     published_before = REGISTRY.get_sample_value("ingestion_published_total")
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        async with gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.SendReading(request(), timeout=10)
@@ -144,11 +148,16 @@ async def test_broker_unreachable_means_unavailable_and_nothing_accepted(prefix:
 
 async def test_ingestion_unreachable_means_unavailable(prefix: str) -> None:
     gateway = GatewayApp(
-        GatewaySettings(port=0, ingestion_addr=f"127.0.0.1:{free_port()}", ingestion_timeout_s=2)
+        GatewaySettings(
+            port=0,
+            ingestion_addr=f"127.0.0.1:{free_port()}",
+            ingestion_timeout_s=2,
+            admin_token=ADMIN_TOKEN,
+        )
     )
     await gateway.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        async with gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await gateway_pb2_grpc.GatewayStub(channel).SendReading(request(), timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

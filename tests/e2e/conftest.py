@@ -20,7 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.adapters.redis import RedisCache
 from common.healthcheck import check_grpc, check_http
-from tests.conftest import MONGODB_URL, RABBITMQ_URL, REDIS_URL, delete_topology, free_port
+from tests.conftest import (
+    ADMIN_TOKEN,
+    MONGODB_URL,
+    RABBITMQ_URL,
+    REDIS_URL,
+    delete_topology,
+    free_port,
+)
 
 SERVICES = ("ingestion_service", "billing_service", "analytics_service", "api_gateway")
 
@@ -54,6 +61,7 @@ class Stack:
             "RABBITMQ_URL": RABBITMQ_URL,
             "MONGODB_URL": MONGODB_URL,
             "REDIS_URL": REDIS_URL,
+            "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "BILLING_SHUTDOWN_GRACE_S": "2",
             "BILLING_CATALOG_REFRESH_S": "0.5",
             "ANALYTICS_BILLING_ADDR": f"127.0.0.1:{self.ports['BILLING_PORT']}",

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-import grpc
 import httpx
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
-from tests.conftest import wait_until
+from common.gateway_client import gateway_channel
+from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.e2e.conftest import Stack
 
 DEVICES = 10_000
@@ -40,7 +40,7 @@ async def test_series_do_not_grow_with_the_number_of_devices(stack: Stack) -> No
         answer = await stub.SendReadings(requests(), timeout=120)
         assert answer.accepted == 1000
 
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         await asyncio.gather(*(stream(first) for first in range(0, DEVICES, 1000)))
 

@@ -21,8 +21,9 @@ import yaml
 
 from billing_service.adapters.mongo import MongoCatalog
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.gateway_client import gateway_channel
 from common.rabbit import ROUTING_KEY, Topology
-from tests.conftest import RABBITMQ_URL, free_port, wait_until
+from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
 from tests.dashboards import metric_names, panel_queries
 from tests.e2e.conftest import Stack
 from tests.prometheus_files import alert_expressions
@@ -111,7 +112,7 @@ async def traffic(stack: Stack) -> None:
     catalog = (ROOT / "deployments" / "tariffs.yaml").read_text()
     await MongoCatalog(ledger.database).save(catalog, "deployments/tariffs.yaml")
     ledger.close()
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         devices = [f"meter-00{i}" for i in range(1, 7)] + ["stranger-1"]
         requests = [

@@ -12,12 +12,11 @@ import math
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
-import grpc
-
 from billing_service.domain.ledger import SlotKey, Total
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.gateway_client import gateway_channel
 from common.models import Reading, validate_reading
-from tests.conftest import wait_until
+from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.e2e.conftest import Stack
 
 DEVICES = 50
@@ -76,7 +75,7 @@ async def test_every_reading_is_billed_once_and_counted_once(stack: Stack) -> No
     readings = fleet()
     by_unary, by_stream = readings[: len(readings) // 2], readings[len(readings) // 2 :]
     resent_unary, resent_stream = by_unary[::5], by_stream[::10]
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         await asyncio.gather(send_one_by_one(stub, by_unary), send_streams(stub, by_stream))
         await asyncio.gather(send_one_by_one(stub, resent_unary), send_streams(stub, resent_stream))

@@ -14,8 +14,9 @@ import grpc
 
 from billing_service.adapters.mongo import MongoCatalog
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.gateway_client import gateway_channel
 from common.models import Reading, validate_reading
-from tests.conftest import wait_until
+from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.e2e.conftest import Stack
 
 CATALOG = """
@@ -62,7 +63,7 @@ async def test_bill_usage_latest_and_pages_read_back_through_the_gateway(stack: 
     await MongoCatalog(ledger.database).save(CATALOG, "e2e catalog")
     ledger.close()
     readings = fleet()
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
         async def requests():

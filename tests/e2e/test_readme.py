@@ -7,11 +7,13 @@ the command's output (stdout and stderr) must be exactly that.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+import grpc
 import pytest
 
 from analytics_service.settings import AnalyticsSettings
@@ -20,7 +22,7 @@ from billing_service.adapters.mongo import MongoCatalog
 from billing_service.settings import BillingSettings
 from common.settings import env_names
 from ingestion_service.settings import IngestionSettings
-from tests.conftest import wait_until
+from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.e2e.conftest import Stack
 
 ROOT = Path(__file__).parents[2]
@@ -40,10 +42,33 @@ READS = ("GetLatestReading", "GetDeviceBill", "GetUsage", "ListReadings")
 
 def test_the_readme_has_the_examples() -> None:
     commands = " ".join(command for command, _ in EXAMPLES)
-    assert len(EXAMPLES) == 9
+    assert len(EXAMPLES) == 11
     assert all(
-        name in commands for name in ("list", "/SendReading\n", "/SendReadings", "Health", *READS)
+        name in commands
+        for name in ("list", "RegisterDevice", "/SendReading\n", "/SendReadings", "Health", *READS)
     )
+
+
+# What the README shows in place of a generated token's parts.
+TOKEN_PLACEHOLDERS = {"<key id>": "[0-9a-f]{16}", "<secret>": "[A-Za-z0-9_-]{43}"}
+# The device token the README's RegisterDevice example printed; later examples send it.
+issued: dict[str, str] = {}
+
+
+def expected_pattern(expected: str) -> re.Pattern[str]:
+    pattern = re.escape(expected.strip())
+    for placeholder, part in TOKEN_PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape(placeholder), part)
+    return re.compile(pattern)
+
+
+def grpcurl_exit_code(expected: str) -> int:
+    """grpcurl exits 64 + the status code on an error status, 0 on OK."""
+    code = re.search(r"Code: (\w+)", expected)
+    if code is None:
+        return 0
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", code.group(1)).upper()
+    return 64 + grpc.StatusCode[name].value[0]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +86,7 @@ async def billed(stack: Stack, count: int) -> bool:
 
 @pytest.mark.parametrize(("command", "expected"), EXAMPLES, ids=lambda v: v.split("\n")[0][-40:])
 async def test_a_readme_example_prints_what_the_readme_says(
-    seeded: Stack, command: str, expected: str
+    seeded: Stack, command: str, expected: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     stack = seeded
     if any(read in command for read in READS):
@@ -71,16 +96,25 @@ async def test_a_readme_example_prints_what_the_readme_says(
     command = command.replace("localhost:50051", stack.gateway).replace(
         "grpcurl ", f"{grpcurl_path()} ", 1
     )
+    if "$TOKEN" in command:
+        assert "token" in issued, "the RegisterDevice example runs first and prints the token"
+    folder = tmp_path_factory.mktemp("readme")
+    (folder / ".admin-token").write_text(ADMIN_TOKEN + "\n")  # as `make dev` writes it
     process = await asyncio.create_subprocess_exec(
         "bash",
         "-c",
         command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=folder,
+        env={**os.environ, "TOKEN": issued.get("token", "")},
     )
     output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert output.decode().strip() == expected.strip()
-    assert process.returncode == (67 if "InvalidArgument" in expected else 0)
+    text = output.decode().strip()
+    assert expected_pattern(expected).fullmatch(text), f"{text}\n!=\n{expected}"
+    assert process.returncode == grpcurl_exit_code(expected)
+    if "RegisterDevice" in command:
+        issued["token"] = json.loads(text)["token"]
 
 
 def test_the_readme_documents_every_setting() -> None:

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.gateway_client import gateway_channel
 from common.messages import encode_reading
 from common.models import validate_reading
 from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology
@@ -31,7 +32,7 @@ from scripts import dlq
 from scripts.reconcile import reconcile, render
 from scripts.simulate import FleetConfig, FleetSummary, run_fleet
 from tests.component.test_queries import start_redis
-from tests.conftest import RABBITMQ_URL, free_port, wait_until
+from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
 from tests.e2e.conftest import Stack
 
 
@@ -65,6 +66,7 @@ async def steady_load(
         ledger=str(ledger),
         resend_for_s=120,
         timeout_s=5,
+        token=ADMIN_TOKEN,
     )
     return await run_fleet(config)
 
@@ -78,7 +80,7 @@ async def in_flight(stack: Stack) -> int:
 async def reconciled(
     stack: Stack, ledger: Path, fault: str, in_flight_at_fault: int, recovery_started: float
 ) -> None:
-    results = await reconcile(ledger, stack.gateway, wait_s=120)
+    results = await reconcile(ledger, stack.gateway, wait_s=120, token=ADMIN_TOKEN)
     took = time.monotonic() - recovery_started
     report = render(results)
     print(
@@ -116,7 +118,7 @@ async def test_rabbitmq_stopped_and_started_during_load(stacks, tmp_path: Path) 
     flying = await in_flight(stack)
     await _run(rabbitmqctl, "stop_app")
     try:
-        async with grpc.aio.insecure_channel(stack.gateway) as channel:
+        async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.SendReading(_request("probe-down"), timeout=10)
@@ -150,7 +152,7 @@ async def test_redis_unavailable_for_a_while(stacks, tmp_path: Path) -> None:
         redis.kill()
         await redis.wait()
         await asyncio.sleep(2)
-        async with grpc.aio.insecure_channel(stack.gateway) as channel:  # reads go on
+        async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:  # reads go on
             stub = gateway_pb2_grpc.GatewayStub(channel)
             latest = await stub.GetLatestReading(
                 billing_pb2.GetLatestReadingRequest(device_id="fault-u-00001"), timeout=10
@@ -220,7 +222,7 @@ async def test_a_duplicate_storm_is_billed_once(stacks, tmp_path: Path) -> None:
         for e in entries[:100]
     ]
     requests = [_request_of(r) for r in readings]
-    async with grpc.aio.insecure_channel(stack.gateway) as channel:
+    async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for _ in range(10):
             for request in requests[:30]:

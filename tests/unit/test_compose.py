@@ -44,8 +44,12 @@ HOST_VARIABLE = {
     "billing": "BILLING_HOST",
     "analytics": "ANALYTICS_HOST",
 }
-# ${NAME}, ${NAME:-default} and ${NAME-default}; compose reads no .env here, so the default.
-INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?::?-)(?P<default>[^}]*))?\}")
+# ${NAME}, ${NAME:-default} and ${NAME-default}: compose reads no .env here, so the default;
+# ${NAME:?message}: required, so the value `make up` exports (below).
+INTERPOLATION = re.compile(
+    r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}"
+)
+EXPORTED_BY_MAKE_UP = {"GATEWAY_ADMIN_TOKEN": "0123456789abcdef" * 4}
 PROBE_TIMEOUT_S = 30
 
 app_services = pytest.mark.parametrize(
@@ -66,7 +70,13 @@ def interpolate(value: object) -> str:
     """The value compose would pass with no variable set in the shell."""
     text = str(value)
     assert "$$" not in text, f"escaped $ not handled by this test: {text!r}"
-    resolved = INTERPOLATION.sub(lambda match: match.group("default") or "", text)
+
+    def value(match: re.Match[str]) -> str:
+        if (match.group("op") or "").endswith("?"):
+            return EXPORTED_BY_MAKE_UP[match.group("name")]
+        return match.group("default") or ""
+
+    resolved = INTERPOLATION.sub(value, text)
     assert "$" not in resolved, f"unsupported interpolation in {text!r}"
     return resolved
 

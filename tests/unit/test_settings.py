@@ -12,7 +12,8 @@ from ingestion_service.settings import IngestionSettings
 
 
 def test_defaults_are_the_documented_ports() -> None:
-    assert (GatewaySettings().port, GatewaySettings().metrics_port) == (50051, 9101)
+    gateway = GatewaySettings(admin_token="x" * 16)
+    assert (gateway.port, gateway.metrics_port) == (50051, 9101)
     assert (IngestionSettings().port, IngestionSettings().metrics_port) == (50052, 9102)
     assert (BillingSettings().port, BillingSettings().metrics_port) == (50053, 9103)
     assert AnalyticsSettings().metrics_port == 9100
@@ -54,3 +55,27 @@ def test_a_bad_value_exits_naming_the_variable(
         load_settings(settings_class)
     message = str(caught.value.code)
     assert f"{variable}={value!r}" in message
+
+
+def test_auth_is_on_by_default_and_needs_the_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(GatewaySettings)
+    assert "GATEWAY_ADMIN_TOKEN is required while GATEWAY_AUTH_ENABLED is true" in str(
+        stopped.value
+    )
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "short")
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(GatewaySettings)
+    assert "GATEWAY_ADMIN_TOKEN" in str(stopped.value) and "short" not in str(stopped.value)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "a-long-enough-secret")
+    settings = load_settings(GatewaySettings)
+    assert settings.auth_enabled and "a-long-enough-secret" not in repr(settings)
+    monkeypatch.delenv("GATEWAY_ADMIN_TOKEN")
+    monkeypatch.setenv("GATEWAY_AUTH_ENABLED", "false")
+    assert load_settings(GatewaySettings).auth_enabled is False
+
+
+def test_a_burst_smaller_than_a_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="GATEWAY_DEVICE_BURST"):
+        GatewaySettings(admin_token="x" * 16, device_burst=100, batch_size=500)
+    GatewaySettings(admin_token="x" * 16, device_burst=100, batch_size=500, device_rate_per_s=0)
