@@ -23,7 +23,7 @@ ADMIN_TOKEN = $(shell cat $(ADMIN_TOKEN_FILE))
 dev up: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-import test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-import bench-auth test test-unit lint fmt up down compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -80,6 +80,9 @@ test-faults: proto services ## Only the fault tests: kills, broker and store out
 bench: install $(ADMIN_TOKEN_FILE) ## Load a running gateway (make dev): unary, then streams of 100; prints readings/s
 	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-unary
 	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-batch --batch 100
+
+bench-auth: proto services ## What device auth and Redis rate limits cost per reading (gateway as a process)
+	$(PY) -m scripts.bench_auth --calls 3000
 
 test: proto services ## Everything: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest
