@@ -8,6 +8,7 @@ window, and at most ``max_remembered`` reading ids for deduplication.
 from __future__ import annotations
 
 import heapq
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -28,7 +29,11 @@ class Windows:
 
 
 class Tally:
-    """Deduplicates readings and keeps the per-device state the business metrics need."""
+    """Deduplicates readings and keeps the per-device state the business metrics need.
+
+    Thread-safe: the consumer records on the event loop while prometheus_client's HTTP
+    thread reads the gauges, and iterating a dict that the other thread changes fails.
+    """
 
     def __init__(
         self,
@@ -43,51 +48,57 @@ class Tally:
         )
         self._last_seen: dict[str, float] = {}
         self._energy: dict[str, deque[tuple[int, float]]] = defaultdict(deque)
+        self._lock = threading.Lock()
 
     def record(self, reading: Reading) -> bool:
         """Return True if the reading is new (count it), False for a repeat."""
-        if reading.reading_id in self._seen:
-            return False
-        self._seen[reading.reading_id] = True
-        now = self._clock()
-        self._last_seen[reading.device_id] = now
-        minutes = self._energy[reading.device_id]
-        minute = int(now // 60)
-        if minutes and minutes[-1][0] == minute:
-            minutes[-1] = (minute, minutes[-1][1] + reading.usage_kwh)
-        else:
-            minutes.append((minute, reading.usage_kwh))
-        return True
+        with self._lock:
+            if reading.reading_id in self._seen:
+                return False
+            self._seen[reading.reading_id] = True
+            now = self._clock()
+            self._last_seen[reading.device_id] = now
+            minutes = self._energy[reading.device_id]
+            minute = int(now // 60)
+            if minutes and minutes[-1][0] == minute:
+                minutes[-1] = (minute, minutes[-1][1] + reading.usage_kwh)
+            else:
+                minutes.append((minute, reading.usage_kwh))
+            return True
 
     def restore(self, device_id: str, seconds_ago: float) -> None:
         """Seed a device's last-seen time (at start, from the latest readings billing keeps)."""
-        if seconds_ago < self._windows.forget_after_s:
-            self._last_seen.setdefault(device_id, self._clock() - max(seconds_ago, 0.0))
+        with self._lock:
+            if seconds_ago < self._windows.forget_after_s:
+                self._last_seen.setdefault(device_id, self._clock() - max(seconds_ago, 0.0))
 
     def active_devices(self) -> list[str]:
         """Devices with a reading within the active window."""
-        self._forget()
-        horizon = self._clock() - self._windows.active_s
-        return [device for device, seen in self._last_seen.items() if seen >= horizon]
+        with self._lock:
+            self._forget()
+            horizon = self._clock() - self._windows.active_s
+            return [device for device, seen in self._last_seen.items() if seen >= horizon]
 
     def silent_devices(self) -> int:
         """Devices that sent within the forget horizon but nothing for silent_after_s."""
-        self._forget()
-        horizon = self._clock() - self._windows.silent_after_s
-        return sum(1 for seen in self._last_seen.values() if seen < horizon)
+        with self._lock:
+            self._forget()
+            horizon = self._clock() - self._windows.silent_after_s
+            return sum(1 for seen in self._last_seen.values() if seen < horizon)
 
     def top_consumers(self, n: int) -> list[tuple[str, float]]:
         """The ``n`` devices with the most kWh within the top window, largest first."""
-        oldest = int((self._clock() - self._windows.top_s) // 60)
-        totals = {}
-        for device, minutes in list(self._energy.items()):
-            while minutes and minutes[0][0] <= oldest:
-                minutes.popleft()
-            if minutes:
-                totals[device] = sum(kwh for _, kwh in minutes)
-            else:
-                del self._energy[device]
-        return heapq.nlargest(n, totals.items(), key=lambda item: (item[1], item[0]))
+        with self._lock:
+            oldest = int((self._clock() - self._windows.top_s) // 60)
+            totals = {}
+            for device, minutes in list(self._energy.items()):
+                while minutes and minutes[0][0] <= oldest:
+                    minutes.popleft()
+                if minutes:
+                    totals[device] = sum(kwh for _, kwh in minutes)
+                else:
+                    del self._energy[device]
+            return heapq.nlargest(n, totals.items(), key=lambda item: (item[1], item[0]))
 
     def _forget(self) -> None:
         horizon = self._clock() - self._windows.forget_after_s

@@ -81,3 +81,28 @@ def test_restored_devices_count_as_active_or_silent_by_their_last_reading() -> N
     counter.restore("quiet", seconds_ago=7200)
     counter.restore("ancient", seconds_ago=90000)  # beyond a day: forgotten
     assert (counter.active_devices(), counter.silent_devices()) == (["recent"], 1)
+
+
+def test_the_metrics_thread_may_read_while_the_consumer_records() -> None:
+    """prometheus_client serves /metrics from its own thread; reads must not see a dict
+    changing size mid-iteration (this raised RuntimeError before Tally took a lock)."""
+    import threading
+
+    counter = Tally(Windows(), max_remembered=200_000)
+    stop, failures = threading.Event(), []
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                counter.active_devices(), counter.silent_devices(), counter.top_consumers(10)
+            except RuntimeError as error:  # pragma: no cover - the failure this guards
+                failures.append(error)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    now = datetime.now(UTC)
+    for number in range(30_000):
+        counter.record(validate_reading(f"d-{number}", now, 0.1, now=now))
+    stop.set()
+    scraper.join()
+    assert failures == []
