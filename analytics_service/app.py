@@ -16,7 +16,7 @@ from billing_service.adapters.redis import RedisCache
 from billing_service.domain.ledger import TransientFailure
 from billing_service.queries import CatalogHolder
 from common.consumer import ReadingConsumer
-from common.grpc_server import wait_for_termination_signal
+from common.grpc_server import run_until_terminated
 from common.metrics import serve_metrics
 from common.rabbit import Topology
 
@@ -86,18 +86,16 @@ class AnalyticsApp:
         return [account.id for account in catalog.accounts] if catalog else []
 
     async def stop(self) -> None:
+        """Stop consuming first (in-flight readings get the grace), then the refreshers."""
+        await self.consumer.stop(self.settings.shutdown_grace_s)
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.consumer.stop(self.settings.shutdown_grace_s)
         await self.billed.close()
         self._mongo.close()
 
 
 async def run(settings: AnalyticsSettings) -> None:
     serve_metrics(settings.host, settings.metrics_port)
-    app = AnalyticsApp(settings)
-    await app.start()
-    await wait_for_termination_signal()
-    await app.stop()
+    await run_until_terminated(AnalyticsApp(settings))

@@ -15,7 +15,7 @@ from api_gateway.guard import Guard
 from api_gateway.ratelimit import RedisRateLimiter
 from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
-from common.grpc_server import GrpcServer, wait_for_termination_signal
+from common.grpc_server import GrpcServer, run_until_terminated
 from common.metrics import serve_metrics
 from common.tls import server_credentials
 
@@ -101,7 +101,4 @@ class GatewayApp:
 
 async def run(settings: GatewaySettings) -> None:
     serve_metrics(settings.host, settings.metrics_port)
-    app = GatewayApp(settings)
-    await app.start()
-    await wait_for_termination_signal()
-    await app.stop()
+    await run_until_terminated(GatewayApp(settings))

@@ -19,7 +19,7 @@ from billing_service.queries import BillingQueries, CatalogHolder
 from billing_service.settings import BillingSettings
 from common.consumer import ReadingConsumer
 from common.energy.v1 import billing_pb2, billing_pb2_grpc
-from common.grpc_server import GrpcServer, wait_for_termination_signal
+from common.grpc_server import GrpcServer, run_until_terminated
 from common.metrics import serve_metrics
 from common.rabbit import Topology
 from common.tls import server_credentials
@@ -87,6 +87,7 @@ class BillingApp:
         log.info("billing consuming", extra={"port": self.port})
 
     async def stop(self) -> None:
+        """NOT_SERVING and no new deliveries at once; in-flight reads and writes get the grace."""
         await asyncio.gather(
             self.grpc.stop(self.settings.shutdown_grace_s),
             self.consumer.stop(self.settings.shutdown_grace_s),
@@ -101,7 +102,4 @@ class BillingApp:
 
 async def run(settings: BillingSettings) -> None:
     serve_metrics(settings.host, settings.metrics_port)
-    app = BillingApp(settings)
-    await app.start()
-    await wait_for_termination_signal()
-    await app.stop()
+    await run_until_terminated(BillingApp(settings))

@@ -8,6 +8,10 @@
 
 Transient failures (a database down) are the handler's to retry: a requeue would count
 towards the delivery limit and could dead-letter a good reading.
+
+Stopping (SIGTERM) cancels the consumer first, lets the handlers already running finish
+and ack within the grace period, and leaves the rest unacked (cancelled, or delivered
+after the stop began): closing the channel hands them back to the broker for redelivery.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from prometheus_client import Counter, Histogram
 
 from common.messages import PoisonMessage, decode_reading
@@ -36,6 +45,8 @@ from common.rabbit import (
 
 log = logging.getLogger(__name__)
 
+# Cap on each broker call made while stopping (cancel, channel and connection close).
+STOP_CALL_TIMEOUT_S = 5.0
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800)
 MESSAGES = Counter(
     "consumer_messages_total",
@@ -79,14 +90,16 @@ class ReadingConsumer:
         self._prefetch = prefetch
         self._limits = limits
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self) -> None:
         self._connection = await connect(self._url)
-        channel = await self._connection.channel(publisher_confirms=True)
+        channel = self._channel = await self._connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self._prefetch)
         declared = await declare_topology(channel, self._topology)
         self._dead_letter_exchange = declared.dead_letter_exchange
@@ -100,20 +113,40 @@ class ReadingConsumer:
         Anything not acked by then is redelivered by the broker: never lost, and billing's
         idempotency makes the redelivery harmless.
         """
+        self._stopping = True
+        deadline = asyncio.get_running_loop().time() + grace_s
         if self._queue is not None and self._consumer_tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
+                await self._queue.cancel(self._consumer_tag, timeout=STOP_CALL_TIMEOUT_S)
             except Exception:  # the channel may already be gone; closing below is enough
                 log.warning("could not cancel consumer", exc_info=True)
+        in_flight, unfinished = len(self._in_flight), set[asyncio.Task[None]]()
         if self._in_flight:
-            _, unfinished = await asyncio.wait(self._in_flight, timeout=grace_s)
-            for task in unfinished:  # unacked: the broker redelivers them
+            remaining_s = max(0.0, deadline - asyncio.get_running_loop().time())
+            _, unfinished = await asyncio.wait(set(self._in_flight), timeout=remaining_s)
+            for task in unfinished:  # not acked: the broker redelivers them
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-        if self._connection is not None:
-            await self._connection.close()
+        for closeable in (self._channel, self._connection):
+            if closeable is not None and not closeable.is_closed:
+                try:
+                    async with asyncio.timeout(STOP_CALL_TIMEOUT_S):
+                        await closeable.close()
+                except Exception:  # unacked deliveries are requeued however the link ends
+                    log.warning("could not close cleanly", exc_info=True)
+        log.info(
+            "consumer stopped",
+            extra={
+                "queue": self._queue_name,
+                "in_flight": in_flight,
+                "finished": in_flight - len(unfinished),
+                "left_unacked": len(unfinished),
+            },
+        )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping:  # delivered while cancelling: left unacked, redelivered later
+            return
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)  # type: ignore[arg-type]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 from collections.abc import Iterable
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,11 +85,53 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
+class Service(Protocol):
+    """What ``run_until_terminated`` drives: an app with ``start`` and a graceful ``stop``."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def run_until_terminated(service: Service) -> None:
+    """Start, serve until SIGTERM or SIGINT, stop gracefully, log how long the stop took.
+
+    ``stop`` is each app's own: it stops taking work, gives in-flight work its grace
+    period and closes connections; the process then exits 0.
+    """
+    await service.start()
+    await wait_for_termination_signal()
+    began = time.monotonic()
+    await service.stop()
+    took_s = round(time.monotonic() - began, 3)
+    log.info("shutdown completed in %.3f s", took_s, extra={"shutdown_s": took_s})
+
+
 async def wait_for_termination_signal() -> None:
-    """Return on SIGTERM or SIGINT (docker stop, Ctrl-C)."""
-    stop = asyncio.Event()
+    """Return on SIGTERM or SIGINT (docker stop, Ctrl-C).
+
+    A second SIGTERM or SIGINT during the graceful stop ends the process at once (exit
+    status 128 + signal): work not acknowledged by then is redelivered by RabbitMQ, and
+    callers whose RPC is cut off resend.
+    """
     loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def first(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("termination signal received, shutting down")
+        loop.add_signal_handler(sig, first, sig)
+    sig = await received
+    for again in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(again, _exit_at_once, again)
+    log.info("termination signal received, shutting down", extra={"signal": sig.name})
+
+
+def _exit_at_once(sig: signal.Signals) -> None:
+    log.warning(
+        "second termination signal: exiting without waiting for in-flight work",
+        extra={"signal": sig.name},
+    )
+    os._exit(128 + sig)

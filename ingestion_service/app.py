@@ -9,7 +9,7 @@ import logging
 from grpc_health.v1 import health_pb2
 
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
-from common.grpc_server import GrpcServer, wait_for_termination_signal
+from common.grpc_server import GrpcServer, run_until_terminated
 from common.metrics import serve_metrics
 from common.rabbit import Topology
 from common.tls import server_credentials
@@ -19,6 +19,7 @@ from ingestion_service.settings import IngestionSettings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = ingestion_pb2.DESCRIPTOR.services_by_name["Ingestion"].full_name
+CLOSE_TIMEOUT_S = 5.0
 
 
 class IngestionApp:
@@ -62,17 +63,20 @@ class IngestionApp:
             await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
+        """NOT_SERVING and no new RPCs at once; in-flight publishes get the grace, then the
+        AMQP connection is closed (bounded, so a broker that is down cannot hold the exit)."""
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await self.grpc.stop(self.settings.shutdown_grace_s)
-        await self.publisher.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.publisher.close()
+        except Exception:  # nothing unconfirmed is left: every RPC has finished by now
+            log.warning("could not close the RabbitMQ connection cleanly", exc_info=True)
 
 
 async def run(settings: IngestionSettings) -> None:
     serve_metrics(settings.host, settings.metrics_port)
-    app = IngestionApp(settings)
-    await app.start()
-    await wait_for_termination_signal()
-    await app.stop()
+    await run_until_terminated(IngestionApp(settings))

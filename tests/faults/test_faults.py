@@ -14,8 +14,6 @@ import os
 import shutil
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,68 +27,9 @@ from common.messages import encode_reading
 from common.models import validate_reading
 from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology
 from scripts import dlq
-from scripts.reconcile import reconcile, render
-from scripts.simulate import FleetConfig, FleetSummary, run_fleet
 from tests.component.test_queries import start_redis
 from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
-from tests.e2e.conftest import Stack
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
-    started: list[Stack] = []
-
-    async def make(**extra_env: str) -> Stack:
-        stack = Stack(prefix=f"f{uuid.uuid4().hex[:8]}-", log_dir=tmp_path, extra_env=extra_env)
-        await stack.start()
-        started.append(stack)
-        return stack
-
-    yield make
-    for stack in started:
-        await stack.stop()
-        await stack.clean()
-
-
-async def steady_load(
-    stack: Stack, ledger: Path, seconds: float = 8, batch: int = 0, prefix: str = "fault"
-) -> FleetSummary:
-    config = FleetConfig(
-        devices=20,
-        rate=150,
-        duration_s=seconds,
-        target=stack.gateway,
-        batch=batch,
-        device_prefix=f"{prefix}-{'b' if batch else 'u'}",
-        show_progress=False,
-        ledger=str(ledger),
-        resend_for_s=120,
-        timeout_s=5,
-        token=ADMIN_TOKEN,
-    )
-    return await run_fleet(config)
-
-
-async def in_flight(stack: Stack) -> int:
-    published = await stack.metric("INGESTION", "ingestion_published_total")
-    acked = await stack.metric("BILLING", "consumer_messages_total", {"outcome": "acked"})
-    return max(0, int(published - acked))  # sampled a moment apart
-
-
-async def reconciled(
-    stack: Stack, ledger: Path, fault: str, in_flight_at_fault: int, recovery_started: float
-) -> None:
-    results = await reconcile(ledger, stack.gateway, wait_s=120, token=ADMIN_TOKEN)
-    took = time.monotonic() - recovery_started
-    report = render(results)
-    print(
-        f"\nFAULT {fault}: in flight at the fault {in_flight_at_fault}, recovered and "
-        f"reconciled {took:.1f} s after the fault ended; {report.splitlines()[-1]}"
-    )
-    assert all(d.exact for d in results), (
-        report + "\n" + stack.logs()[-3000:] + "\n" + stack.logs()[-4000:]
-    )
-    assert sum(len(d.expected) for d in results) > 0
+from tests.faults.load import in_flight, reconciled, steady_load
 
 
 async def test_billing_killed_mid_batch_then_restarted(stacks, tmp_path: Path) -> None:
