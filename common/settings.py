@@ -29,6 +29,9 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias="LOG_LEVEL"
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", validation_alias="EVENT_LOOP", description="asyncio: the standard loop"
+    )
     max_usage_kwh: float = Field(
         1_000_000.0,
         gt=0,
