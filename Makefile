@@ -23,7 +23,7 @@ ADMIN_TOKEN = $(shell cat $(ADMIN_TOKEN_FILE))
 dev up: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-import bench-auth test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools bench-import bench-auth test test-unit lint fmt up down compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -77,14 +77,16 @@ dlq-replay: install ## Replay dead letters once their cause is fixed: IDS="id1 i
 test-faults: proto services ## Only the fault tests: kills, broker and store outages under load
 	$(PY) -m pytest tests/faults
 
-bench: install $(ADMIN_TOKEN_FILE) ## Load a running gateway (make dev): unary, then streams of 100; prints readings/s
-	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-unary
-	-$(PY) -m scripts.simulate --devices $(DEVICES) --rate 100000 --duration 15 --target $(TARGET) --device-prefix bench-batch --batch 100
+bench-tools: ## Install (when missing) the load tools make bench drives: ghz and PerfTest
+	bash scripts/bench_tools.sh
+
+bench: proto services bench-tools $(ADMIN_TOKEN_FILE) ## Broker baseline, streaming, unary (ghz), devices, RSS: table + bench-results.json [BENCH_ARGS=--quick]
+	$(PY) -m scripts.bench --target $(TARGET) $(BENCH_ARGS)
 
 bench-auth: proto services ## What device auth and Redis rate limits cost per reading (gateway as a process)
 	$(PY) -m scripts.bench_auth --calls 3000
 
-test: proto services ## Everything: unit, component (real servers), end to end, compose checks
+test: proto services bench-tools ## Everything: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest
 
 test-unit: proto ## Only the tests that need no server

@@ -18,7 +18,6 @@ from common.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-MAX_CONCURRENT_STREAMS = 100  # HTTP/2 streams (calls) at once on one client connection
 # Ping idle connections every 60 s and drop them when no answer comes within 20 s (dead
 # NAT entries, vanished loggers); refuse clients that ping more often than every 10 s;
 # close connections idle for 5 minutes, and recycle every connection after 30 minutes (with
@@ -42,14 +41,19 @@ class GrpcServer:
         service_names: Iterable[str],
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_concurrent_rpcs: int | None = None,
-        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        max_concurrent_streams: int | None = None,
     ):
         self.server = grpc.aio.server(
             interceptors=[MetricsInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_concurrent_streams", max_concurrent_streams),
+                # HTTP/2 streams (calls) at once on one client connection; unset: gRPC's own.
+                *(
+                    [("grpc.max_concurrent_streams", max_concurrent_streams)]
+                    if max_concurrent_streams
+                    else []
+                ),
                 *KEEPALIVE_POLICY,
             ],
             # Past this many calls in progress, new ones get RESOURCE_EXHAUSTED at once

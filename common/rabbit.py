@@ -77,6 +77,17 @@ class DeclaredTopology:
     queues: dict[str, AbstractQueue]
 
 
+def reading_queue_arguments(topology: Topology) -> dict[str, Any]:
+    """The arguments of billing.readings and analytics.readings (also the bench's queues)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": topology.dead_letter_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> DeclaredTopology:
     """Declare exchanges, queues and bindings; safe to call from every service at start."""
     exchange = await channel.declare_exchange(
@@ -92,15 +103,7 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> Decl
     queues = {topology.dead_letter_queue: dead_letter_queue}
     for name in (topology.billing_queue, topology.analytics_queue):
         queue = await channel.declare_queue(
-            name,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": DELIVERY_LIMIT,
-                "x-dead-letter-exchange": topology.dead_letter_exchange,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
+            name, durable=True, arguments=reading_queue_arguments(topology)
         )
         await queue.bind(exchange, routing_key="reading.#")
         queues[name] = queue

@@ -1,0 +1,268 @@
+"""Benchmark of the whole platform in one run (make bench): a table, JSON and a JSON file.
+
+    python -m scripts.bench                       # about 5 minutes
+    python -m scripts.bench --quick               # about 1 minute, smaller figures
+    python -m scripts.bench --only broker,unary   # sections: broker, streaming, unary, devices
+
+Sections, in this order:
+- broker: RabbitMQ's own limit for a real reading message in a quorum queue like
+  billing.readings (aio-pika, then PerfTest): the baseline the others are compared with.
+- streaming: readings/s accepted through SendReadings in batches of 100 and of 1,000 from
+  several client processes; readings/s billed end to end for a bounded number.
+- unary: SendReading with ghz at concurrency 1, 16 and 64; p99 at half the maximum rate.
+- devices: readings/s accepted with the readings spread over 1k, 10k and 100k devices.
+Then the peak RSS (VmHWM) of each service. Every figure names the load tool and the CPU
+time (user+sys) that tool used, since on a small machine it competes with the services.
+
+The services are those answering on --target (make dev). When nothing answers there, the
+bench starts the four services itself on free ports under a bench topology prefix,
+database and Redis key prefix, empties its own queues between figures (so one figure's
+backlog does not load the next) and removes all of it at the end. A running stack is never
+purged: its billing works through the bench's readings long after the bench ends.
+Needs make services, and ghz and PerfTest (bash scripts/bench_tools.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from scripts.bench_broker import aio_pika_baseline, perf_test
+from scripts.bench_report import ratios, render_table
+from scripts.bench_stack import DEFAULT_BILLING_METRICS_URL, BenchStack, listening
+from scripts.bench_stream import StreamPlan, billed_run, run_streams
+from scripts.bench_unary import unary_section
+
+SECTIONS = ("broker", "streaming", "unary", "devices")
+
+
+def machine() -> dict[str, Any]:
+    """CPU, memory and load of this machine, from /proc."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    models = [
+        ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")
+    ]
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {
+        "cpu_model": models[0] if models else "?",
+        "logical_cpus": os.cpu_count(),
+        "ram_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_1m_at_start": float(Path("/proc/loadavg").read_text().split()[0]),
+    }
+
+
+class Bench:
+    """Runs the selected sections against one stack and gathers their figures."""
+
+    def __init__(self, stack: BenchStack, token: str | None, opts: dict[str, Any]) -> None:
+        self.stack = stack
+        self.token = token
+        self.opts = opts
+        self.run_id = f"bench-{uuid.uuid4().hex[:6]}"
+        self.results: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    def section(self, name: str, work: Callable[[], Any]) -> None:
+        """Run one section; a failure is recorded and the next section still runs."""
+        typer.echo(f"[bench] {name} ...", err=True)
+        began = time.monotonic()
+        try:
+            self.results[name] = work()
+        except Exception as error:  # one broken tool must not cost the other figures
+            self.errors[name] = f"{type(error).__name__}: {error}"
+            typer.echo(f"[bench] {name} failed: {self.errors[name]}", err=True)
+        typer.echo(f"[bench] {name} took {time.monotonic() - began:.0f} s", err=True)
+        try:
+            self.stack.purge()
+        except Exception as error:  # the figures stand; the next ones may carry a backlog
+            self.errors[f"{name} purge"] = f"{type(error).__name__}: {error}"
+
+    def broker(self) -> dict[str, Any]:
+        o, prefix = self.opts, f"{self.run_id}-"
+        return {
+            "aio_pika": asyncio.run(
+                aio_pika_baseline(o["rabbitmq_url"], prefix, o["broker_messages"], 100, 100)
+            ),
+            "perf_test": perf_test(o["rabbitmq_url"], prefix, o["perf_test_s"], 100, 100),
+        }
+
+    def plan(self, readings: int, batch: int, devices: int, label: str) -> StreamPlan:
+        return StreamPlan(
+            target=self.stack.target,
+            token=self.token,
+            readings=readings,
+            batch=batch,
+            devices=devices,
+            device_prefix=f"{self.run_id}-{label}",
+            clients=self.opts["clients"],
+            streams=self.opts["streams"],
+        )
+
+    def streaming(self) -> dict[str, Any]:
+        o = self.opts
+        billed = billed_run(
+            self.plan(o["billed_readings"], 100, 1000, "billed"),
+            self.stack.billed,
+            self.stack.store_retries,
+            o["billed_wait_s"],
+        )
+        self.stack.purge()
+        figures = {"billed": billed}
+        for batch in (100, 1000):
+            figures[f"batch_{batch}"] = run_streams(
+                self.plan(o["stream_readings"], batch, 1000, f"b{batch}")
+            )
+            self.stack.purge()
+        return figures
+
+    def unary(self) -> dict[str, Any]:
+        return unary_section(self.stack.target, self.token, self.opts["unary_s"], self.run_id)
+
+    def devices(self) -> dict[str, Any]:
+        figures = {}
+        for devices in self.opts["device_counts"]:
+            readings = max(self.opts["device_readings"], devices)  # every device at least once
+            figures[str(devices)] = run_streams(self.plan(readings, 100, devices, f"d{devices}"))
+            self.stack.purge()
+        return figures
+
+
+def run(opts: dict[str, Any], sections: list[str]) -> dict[str, Any]:
+    """Find or start the stack, run the sections, measure memory, clean up."""
+    started_at, began = datetime.now(UTC), time.monotonic()
+    info = machine()
+    token = opts["token"]
+    own = opts["own_stack"] or not listening(opts["target"])
+    if own:
+        token = token or secrets.token_hex(32)
+        why = "--own-stack" if opts["own_stack"] else f"nothing answers on {opts['target']}"
+        typer.echo(f"[bench] {why}: starting the four services", err=True)
+        urls = {k: opts[f"{k}_url"] for k in ("rabbitmq", "mongodb", "redis")}
+        stack = BenchStack.start(token, f"bench{uuid.uuid4().hex[:6]}-", urls, timeout_s=90)
+    else:
+        if not token:
+            raise typer.BadParameter(
+                "the gateway needs a token: set GATEWAY_TOKEN (make bench does)"
+            )
+        stack = BenchStack.running(
+            opts["target"], opts["topology_prefix"], opts["billing_metrics_url"]
+        )
+    bench = Bench(stack, token, opts)
+    try:
+        for name in sections:
+            bench.section(name, getattr(bench, name))
+        bench.results["memory"] = stack.memory()
+    finally:
+        stack.stop()
+        try:
+            stack.clean()
+        except Exception as error:  # report, but keep the figures
+            bench.errors["cleanup"] = f"{type(error).__name__}: {error}"
+        if stack.log_dir is not None:
+            if bench.errors:
+                typer.echo(f"[bench] the services' logs are in {stack.log_dir}", err=True)
+            else:
+                shutil.rmtree(stack.log_dir, ignore_errors=True)
+    info["loadavg_1m_at_end"] = float(Path("/proc/loadavg").read_text().split()[0])
+    return {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - began, 1),
+        "machine": info,
+        "stack": {
+            "own": own,
+            "target": stack.target,
+            "topology_prefix": stack.topology.prefix,
+            "pids": stack.pids,
+        },
+        "options": {k: v for k, v in opts.items() if k != "token" and not k.endswith("_url")},
+        **bench.results,
+        "errors": bench.errors,
+    }
+
+
+def main(
+    target: Annotated[
+        str, typer.Option(help="Gateway HOST:PORT; the bench starts one if nothing answers.")
+    ] = "127.0.0.1:50051",
+    token: Annotated[
+        str | None, typer.Option(envvar="GATEWAY_TOKEN", help="The gateway's admin token.")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="A smoke run of about a minute.")] = False,
+    only: Annotated[
+        str, typer.Option(help=f"Comma-separated sections of {','.join(SECTIONS)}.")
+    ] = ",".join(SECTIONS),
+    output: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("bench-results.json"),
+    own_stack: Annotated[
+        bool, typer.Option(help="Start the services even when --target answers.")
+    ] = False,
+    billed_readings: Annotated[
+        int | None, typer.Option(min=1, help="Readings for the billed figure [5000].")
+    ] = None,
+    billed_wait_s: Annotated[
+        float | None, typer.Option(min=1, help="Wait for them to be billed at most [120 s].")
+    ] = None,
+    clients: Annotated[int, typer.Option(min=1, help="Streaming client processes.")] = 2,
+    streams: Annotated[int, typer.Option(min=1, help="SendReadings in flight per client.")] = 4,
+    topology_prefix: Annotated[str, typer.Option(help="A running stack's TOPOLOGY_PREFIX.")] = "",
+    billing_metrics_url: Annotated[
+        str, typer.Option(help="A running stack's billing /metrics.")
+    ] = DEFAULT_BILLING_METRICS_URL,
+) -> None:
+    """Run the benchmark; print the table, then the JSON; exit 1 if a section failed."""
+    sections = [s.strip() for s in only.split(",") if s.strip()]
+    if unknown := set(sections) - set(SECTIONS):
+        raise typer.BadParameter(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    scale = {
+        "broker_messages": 5_000 if quick else 20_000,
+        "perf_test_s": 3 if quick else 10,
+        "stream_readings": 5_000 if quick else 20_000,
+        "unary_s": 2 if quick else 6,
+        "device_counts": (1_000, 10_000) if quick else (1_000, 10_000, 100_000),
+        "device_readings": 5_000 if quick else 20_000,
+        "billed_readings": billed_readings or (500 if quick else 5_000),
+        "billed_wait_s": billed_wait_s or (20 if quick else 120),
+    }
+    opts = {
+        "target": target,
+        "token": token,
+        "quick": quick,
+        "own_stack": own_stack,
+        "clients": clients,
+        "streams": streams,
+        "topology_prefix": topology_prefix,
+        "billing_metrics_url": billing_metrics_url,
+        "rabbitmq_url": os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        "mongodb_url": os.environ.get("MONGODB_URL", "mongodb://127.0.0.1:27017/"),
+        "redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        **scale,
+    }
+    results = run(opts, [s for s in SECTIONS if s in sections])
+    results["ratios"] = ratios(results)
+    results["table"] = render_table(results)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    typer.echo("\n".join(results["table"]))
+    typer.echo(json.dumps(results))
+    typer.echo(f"[bench] JSON written to {output}", err=True)
+    raise typer.Exit(1 if results["errors"] else 0)
+
+
+if __name__ == "__main__":
+    typer.run(main)
