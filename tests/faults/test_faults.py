@@ -31,6 +31,9 @@ from tests.component.test_queries import start_redis
 from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
 from tests.faults.load import in_flight, reconciled, steady_load
 
+# Each test waits up to load.RECONCILE_WAIT_S for billing after its fault.
+pytestmark = pytest.mark.timeout(600)
+
 
 async def test_billing_killed_mid_batch_then_restarted(stacks, tmp_path: Path) -> None:
     stack = await stacks()

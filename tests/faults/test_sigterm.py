@@ -38,6 +38,9 @@ from tests.conftest import (
 from tests.e2e.conftest import Stack
 from tests.faults.load import in_flight, reconciled, steady_load
 
+# Each test waits up to load.RECONCILE_WAIT_S for billing after its fault.
+pytestmark = pytest.mark.timeout(600)
+
 GRACE_S = 5.0
 RATE = 40  # readings/s of each of the two loads, unary and streamed
 BURST_RATE = 400
