@@ -86,23 +86,34 @@ def test_restored_devices_count_as_active_or_silent_by_their_last_reading() -> N
 def test_the_metrics_thread_may_read_while_the_consumer_records() -> None:
     """prometheus_client serves /metrics from its own thread; reads must not see a dict
     changing size mid-iteration (this raised RuntimeError before Tally took a lock)."""
+    import sys
     import threading
 
     counter = Tally(Windows(), max_remembered=200_000)
-    stop, failures = threading.Event(), []
+    stop, failures, scrapes = threading.Event(), [], []
 
     def scrape() -> None:
-        while not stop.is_set():
+        # A pause between scrapes, as Prometheus makes: a scraper that re-takes the lock
+        # at once can starve the recording thread (Python's locks are not fair).
+        while not stop.wait(0.0005):
             try:
                 counter.active_devices(), counter.silent_devices(), counter.top_consumers(10)
+                scrapes.append(1)
             except RuntimeError as error:  # pragma: no cover - the failure this guards
                 failures.append(error)
 
-    scraper = threading.Thread(target=scrape)
+    scraper = threading.Thread(target=scrape, daemon=True)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that a read meets a write
     scraper.start()
     now = datetime.now(UTC)
-    for number in range(30_000):
-        counter.record(validate_reading(f"d-{number}", now, 0.1, now=now))
-    stop.set()
-    scraper.join()
+    try:
+        for number in range(20_000):
+            counter.record(validate_reading(f"d-{number}", now, 0.1, now=now))
+    finally:
+        stop.set()
+        scraper.join(timeout=10)
+        sys.setswitchinterval(switch_interval)
+    assert not scraper.is_alive()
+    assert scrapes, "the scraper never ran alongside the recording"
     assert failures == []
