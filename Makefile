@@ -23,7 +23,7 @@ ADMIN_TOKEN = $(shell cat $(ADMIN_TOKEN_FILE))
 dev up: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools bench-import bench-auth test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,12 @@ bench: proto services bench-tools $(ADMIN_TOKEN_FILE) ## Broker baseline, stream
 
 bench-auth: proto services ## What device auth and Redis rate limits cost per reading (gateway as a process)
 	$(PY) -m scripts.bench_auth --calls 3000
+
+bench-soak: proto services bench-tools $(ADMIN_TOKEN_FILE) ## 1,000,000 readings through the stack: every service's RSS after each 100,000 (about 10 minutes)
+	$(PY) -m scripts.bench --target $(TARGET) --only soak --output bench-soak.json $(BENCH_ARGS)
+
+bench-billing: proto services ## How fast billing drains a queue of 5,000 readings into MongoDB and Redis [BENCH_BILLING_ARGS=--profile billing.txt]
+	$(PY) -m scripts.bench_billing $(BENCH_BILLING_ARGS)
 
 test: proto services bench-tools ## Everything: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest

@@ -60,6 +60,9 @@ class BillingApp:
             self.handler,
             settings.prefetch,
             settings.limits,
+            batch_handler=self.handler.handle_batch,
+            batch_size=settings.batch_size,
+            batch_linger_s=settings.batch_linger_s,
         )
         self.grpc = GrpcServer([SERVICE_NAME])
         queries = BillingQueries(self.ledger, self.cache, self.catalog, settings.max_usage_buckets)

@@ -1,15 +1,16 @@
-"""Billing a reading: MongoDB first (retried until it succeeds), then the Redis snapshot.
+"""Billing a batch of readings: MongoDB first (retried until it succeeds), then Redis.
 
-The shared consumer acks only after this returns, so an ack always follows a write that
-MongoDB acknowledged. Redis is a cache: when it is down, billing goes on and the affected
-snapshots are refreshed from MongoDB once Redis answers again.
+The shared consumer acks a batch only after this returns, so an ack always follows a write
+that MongoDB acknowledged. Each batch costs a few MongoDB round trips and one Redis
+pipeline, however many readings it holds. Redis is a cache: when it is down, billing goes
+on and the affected snapshots are refreshed from MongoDB once Redis answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
@@ -20,6 +21,7 @@ from common.models import Reading
 log = logging.getLogger(__name__)
 
 READINGS = Counter("billing_readings_total", "Readings recorded, by result.", ["result"])
+BILLED, DUPLICATES = READINGS.labels("billed"), READINGS.labels("duplicate")
 UNREGISTERED = Counter(
     "billing_unregistered_readings_total",
     "New readings from devices not in the catalog, billed under the default tariff.",
@@ -34,7 +36,11 @@ CACHE_STALE = Gauge(
 
 
 class BillingHandler:
-    """Records each reading exactly once and keeps the Redis snapshots in step."""
+    """Records each reading exactly once and keeps the Redis snapshots in step.
+
+    ``handle_batch`` is the consumer's batch handler; calling the handler with one reading
+    is the same for a batch of one (the consumer's path for a batch that failed oddly).
+    """
 
     def __init__(
         self,
@@ -53,27 +59,32 @@ class BillingHandler:
         CACHE_STALE.set_function(lambda: len(self._stale))
 
     async def __call__(self, reading: Reading) -> None:
+        await self.handle_batch([reading])
+
+    async def handle_batch(self, readings: Sequence[Reading]) -> None:
         recorded = None
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientFailure),
             wait=wait_random_exponential(multiplier=0.2, max=self._retry_max_delay_s),
-            before_sleep=_log_retry(reading),
+            before_sleep=_log_retry(readings),
         ):
             with attempt:
-                recorded = await self._ledger.record(reading)
+                recorded = await self._ledger.record_batch(readings)
         assert recorded is not None
-        READINGS.labels("duplicate" if recorded.duplicate else "billed").inc()
-        if not recorded.duplicate and not self._is_registered(reading.device_id):
-            UNREGISTERED.inc()
-        await self._update_cache(reading, recorded.total)
+        BILLED.inc(len(recorded.new))
+        DUPLICATES.inc(recorded.duplicates)
+        devices = {reading.device_id for reading in recorded.new}
+        unregistered = {device for device in devices if not self._is_registered(device)}
+        if unregistered:
+            UNREGISTERED.inc(sum(1 for r in recorded.new if r.device_id in unregistered))
+        await self._update_cache(recorded.totals, _latest_by_device(readings))
 
-    async def _update_cache(self, reading: Reading, total: Total) -> None:
-        key = SlotKey.of(reading)
+    async def _update_cache(self, totals: Mapping[SlotKey, Total], latest: list[Reading]) -> None:
         if self._stale:
-            # Redis failed and the refresher has not caught up: don't make every reading
-            # wait out the retry; the refresher rewrites this bucket from MongoDB.
-            CACHE_DEFERRED.inc()
-            self._stale.add(key)
+            # Redis failed and the refresher has not caught up: don't make every batch
+            # wait out the retry; the refresher rewrites these buckets from MongoDB.
+            CACHE_DEFERRED.inc(len(totals))
+            self._stale.update(totals)
             return
         try:
             async with asyncio.timeout(self._cache_retry_s):
@@ -82,15 +93,14 @@ class BillingHandler:
                     wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 ):
                     with attempt:
-                        await self._cache.put_slot_total(key, total)
-                        await self._cache.put_latest(reading)
+                        await self._cache.put_batch(totals, latest)
         except (TransientFailure, TimeoutError) as error:
             log.warning(
-                "Redis update deferred; MongoDB holds the reading",
-                extra={"reading_id": reading.reading_id, "error": str(error)},
+                "Redis update deferred; MongoDB holds the readings",
+                extra={"slots": len(totals), "error": str(error)},
             )
-            CACHE_DEFERRED.inc()
-            self._stale.add(key)
+            CACHE_DEFERRED.inc(len(totals))
+            self._stale.update(totals)
 
     async def refresh_stale(self, interval_s: float = 1.0) -> None:
         """Forever: rewrite deferred Redis snapshots from MongoDB once Redis answers."""
@@ -107,13 +117,27 @@ class BillingHandler:
                 self._stale.discard(key)
 
 
-def _log_retry(reading: Reading) -> Callable[[RetryCallState], None]:
+def _latest_by_device(readings: Sequence[Reading]) -> list[Reading]:
+    """Each device's latest reading of the batch (Redis keeps the newest anyway)."""
+    latest: dict[str, Reading] = {}
+    for reading in readings:
+        current = latest.get(reading.device_id)
+        if current is None or (reading.timestamp, reading.reading_id) > (
+            current.timestamp,
+            current.reading_id,
+        ):
+            latest[reading.device_id] = reading
+    return list(latest.values())
+
+
+def _log_retry(readings: Sequence[Reading]) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         RETRIES.inc()
         log.warning(
             "store unavailable, retrying",
             extra={
-                "reading_id": reading.reading_id,
+                "readings": len(readings),
+                "first_reading_id": readings[0].reading_id if readings else "",
                 "attempt": state.attempt_number,
                 "error": str(state.outcome.exception()) if state.outcome else "",
             },

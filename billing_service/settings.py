@@ -1,6 +1,8 @@
 """Settings of billing_service, from BILLING_* and the shared variables."""
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import BrokerSettings, Port
@@ -27,7 +29,13 @@ class BillingSettings(BrokerSettings, ServerTlsSettings):
     )
     redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
     redis_timeout_s: float = Field(2.0, gt=0)
-    prefetch: int = Field(64, ge=1, le=10_000, description="unacked deliveries in flight")
+    prefetch: int = Field(1000, ge=1, le=10_000, description="unacked deliveries in flight")
+    batch_size: int = Field(
+        500, ge=1, le=10_000, description="deliveries billed together (at most the prefetch)"
+    )  # left at its default, it shrinks to a smaller prefetch
+    batch_linger_s: float = Field(
+        0.05, ge=0, le=10, description="wait this long after a delivery for a fuller batch"
+    )
     retry_max_delay_s: float = Field(30.0, gt=0, description="cap of the backoff on MongoDB errors")
     cache_retry_s: float = Field(
         5.0, ge=0, description="retry a Redis update this long before deferring it"
@@ -38,3 +46,12 @@ class BillingSettings(BrokerSettings, ServerTlsSettings):
         "", description="testing aid: while this file exists, MongoDB writes fail (tests/faults)"
     )
     shutdown_grace_s: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_fits_the_prefetch(self) -> Self:
+        if "batch_size" in self.model_fields_set and self.batch_size > self.prefetch:
+            raise ValueError(
+                f"BILLING_BATCH_SIZE ({self.batch_size}) must not exceed BILLING_PREFETCH "
+                f"({self.prefetch}): the broker never delivers more than the prefetch"
+            )
+        return self

@@ -1,17 +1,26 @@
-"""Consuming readings from a queue, with the acknowledgement policy decided in one place.
+"""Consuming readings from a queue in batches, with the acknowledgement policy decided in one place.
 
-- handled: ack, after the handler returned (for billing: after MongoDB acknowledged);
-- ``PoisonMessage`` (unparseable or invalid): published to the dead-letter exchange with
-  the reason in the ``x-rejection-reason`` header, confirmed, then acked;
-- anything else unexpected: logged once and requeued; the quorum queue's delivery limit
-  moves a message that keeps failing to the dead-letter queue instead of looping.
+Deliveries are gathered into batches: ``batch_size`` of them, or whatever has arrived
+``batch_linger_s`` after the first, whichever comes first. Batches are handled one at a
+time, in delivery order:
+- poison messages (unparseable or invalid): published to the dead-letter exchange with the
+  reason in the ``x-rejection-reason`` header, confirmed, then acked, one by one; they do
+  not hold back the good readings of their batch;
+- the good readings go to the batch handler together (for billing: a few bulk MongoDB
+  writes); once it has returned, one ``ack(multiple=True)`` on the last of them acks them
+  all. That is exact because every earlier delivery on the channel is settled by then:
+  the batches before were settled in full, and this batch's poison messages just were;
+- anything else unexpected: logged once, and the batch is handled again one reading at a
+  time, so that only the readings that fail are requeued; the quorum queue's delivery
+  limit moves one that keeps failing to the dead-letter queue instead of looping.
 
 Transient failures (a database down) are the handler's to retry: a requeue would count
 towards the delivery limit and could dead-letter a good reading.
 
-Stopping (SIGTERM) cancels the consumer first, lets the handlers already running finish
-and ack within the grace period, and leaves the rest unacked (cancelled, or delivered
-after the stop began): closing the channel hands them back to the broker for redelivery.
+Stopping (SIGTERM) cancels the consumer first, lets the deliveries already received be
+handled and acked within the grace period, and leaves the rest unacked (not handled by
+then, or delivered after the stop began): closing the channel hands them back to the
+broker for redelivery.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aio_pika
@@ -65,12 +76,31 @@ READING_LAG = Histogram(
     ["consumer"],
     buckets=LAG_BUCKETS_S,
 )
+BATCH_SIZE = Histogram(
+    "consumer_batch_size",
+    "Deliveries per batch handled.",
+    ["consumer"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
 
 Handler = Callable[[Reading], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Reading]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class _Delivery:
+    message: AbstractIncomingMessage
+    received: float  # time.monotonic()
+    settled: bool = False
 
 
 class ReadingConsumer:
-    """Consumes one queue with manual acks and a prefetch window; handlers run concurrently."""
+    """Consumes one queue with manual acks and a prefetch window, a batch at a time.
+
+    ``handler`` handles one reading; ``batch_handler``, when given, a whole batch at once
+    (``handler`` then serves only to retry a failed batch reading by reading). Without it,
+    the readings of a batch go to ``handler`` one after the other.
+    """
 
     def __init__(
         self,
@@ -81,21 +111,39 @@ class ReadingConsumer:
         handler: Handler,
         prefetch: int,
         limits: Limits,
+        *,
+        batch_handler: BatchHandler | None = None,
+        batch_size: int | None = None,
+        batch_linger_s: float = 0.0,
     ) -> None:
         self._name = name
         self._url = url
         self._topology = topology
         self._queue_name = queue_name
         self._handler = handler
+        self._batch_handler = batch_handler
         self._prefetch = prefetch
+        # More than the prefetch window could never fill: the broker stops delivering.
+        self._batch_size = max(1, min(batch_size or prefetch, prefetch))
+        self._batch_linger_s = batch_linger_s
         self._limits = limits
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
         self._consumer_tag: str | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._received: deque[_Delivery] = deque()
+        self._arrived = asyncio.Event()
+        self._unsettled = 0
+        self._batches: asyncio.Task[None] | None = None
         self._stopping = False
+        self._outcomes = {
+            outcome: MESSAGES.labels(name, outcome)
+            for outcome in ("acked", "dead_lettered", "requeued")
+        }
+        self._processing = PROCESSING.labels(name)
+        self._lag = READING_LAG.labels(name)
+        self._batch_sizes = BATCH_SIZE.labels(name)
 
     async def start(self) -> None:
         self._connection = await connect(self._url)
@@ -104,29 +152,40 @@ class ReadingConsumer:
         declared = await declare_topology(channel, self._topology)
         self._dead_letter_exchange = declared.dead_letter_exchange
         self._queue = declared.queues[self._queue_name]
+        self._batches = asyncio.create_task(self._handle_batches())
         self._consumer_tag = await self._queue.consume(self._on_message)
-        log.info("consuming", extra={"queue": self._queue_name, "prefetch": self._prefetch})
+        log.info(
+            "consuming",
+            extra={
+                "queue": self._queue_name,
+                "prefetch": self._prefetch,
+                "batch_size": self._batch_size,
+                "batch_linger_s": self._batch_linger_s,
+            },
+        )
 
     async def stop(self, grace_s: float) -> None:
-        """Stop taking deliveries, let in-flight ones finish for ``grace_s``, then close.
+        """Stop taking deliveries, handle those received for ``grace_s``, then close.
 
         Anything not acked by then is redelivered by the broker: never lost, and billing's
         idempotency makes the redelivery harmless.
         """
         self._stopping = True
+        self._arrived.set()  # no lingering for more: handle what is here
         deadline = asyncio.get_running_loop().time() + grace_s
         if self._queue is not None and self._consumer_tag is not None:
             try:
                 await self._queue.cancel(self._consumer_tag, timeout=STOP_CALL_TIMEOUT_S)
             except Exception:  # the channel may already be gone; closing below is enough
                 log.warning("could not cancel consumer", exc_info=True)
-        in_flight, unfinished = len(self._in_flight), set[asyncio.Task[None]]()
-        if self._in_flight:
+        in_flight = self._unsettled
+        if self._batches is not None:
             remaining_s = max(0.0, deadline - asyncio.get_running_loop().time())
-            _, unfinished = await asyncio.wait(set(self._in_flight), timeout=remaining_s)
+            _, unfinished = await asyncio.wait({self._batches}, timeout=remaining_s)
             for task in unfinished:  # not acked: the broker redelivers them
                 task.cancel()
-            await asyncio.gather(*unfinished, return_exceptions=True)
+            await asyncio.gather(self._batches, return_exceptions=True)
+        left_unacked = self._unsettled
         for closeable in (self._channel, self._connection):
             if closeable is not None and not closeable.is_closed:
                 try:
@@ -139,43 +198,139 @@ class ReadingConsumer:
             extra={
                 "queue": self._queue_name,
                 "in_flight": in_flight,
-                "finished": in_flight - len(unfinished),
-                "left_unacked": len(unfinished),
+                "finished": in_flight - left_unacked,
+                "left_unacked": left_unacked,
             },
         )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self._stopping:  # delivered while cancelling: left unacked, redelivered later
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)  # type: ignore[arg-type]
-            task.add_done_callback(self._in_flight.discard)
-        started = time.perf_counter()
-        try:
-            reading = decode_reading(message.body, now=datetime.now(UTC), limits=self._limits)
-            await self._handler(reading)
-        except PoisonMessage as error:
-            outcome = await self._dead_letter(message, str(error))
-        except Exception:
-            log.exception(
-                "unexpected failure handling a message; requeueing it",
-                extra={"message_id": message.message_id, "queue": self._queue_name},
-            )
-            await _requeue(message)
-            outcome = "requeued"
-        else:
-            await message.ack()
-            READING_LAG.labels(self._name).observe(
-                (datetime.now(UTC) - reading.timestamp).total_seconds()
-            )
-            outcome = "acked"
-        MESSAGES.labels(self._name, outcome).inc()
-        PROCESSING.labels(self._name).observe(time.perf_counter() - started)
+        self._received.append(_Delivery(message, time.monotonic()))
+        self._unsettled += 1
+        self._arrived.set()
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> str:
+    async def _handle_batches(self) -> None:
+        """Forever (until stopped and drained): take a batch, handle it, settle it."""
+        while (batch := await self._next_batch()) is not None:
+            try:
+                await self._handle(batch)
+            except Exception:  # a bug here must not stop consuming; the broker redelivers
+                log.exception(
+                    "unexpected failure settling a batch; requeueing what is unsettled",
+                    extra={"queue": self._queue_name, "batch": len(batch)},
+                )
+                await self._requeue([d for d in batch if not d.settled])
+
+    async def _next_batch(self) -> list[_Delivery] | None:
+        while not self._received:
+            if self._stopping:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        linger_until = self._received[0].received + self._batch_linger_s
+        while len(self._received) < self._batch_size and not self._stopping:
+            remaining_s = linger_until - time.monotonic()
+            if remaining_s <= 0:
+                break
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining_s):
+                    await self._arrived.wait()
+            except TimeoutError:
+                break
+        count = min(len(self._received), self._batch_size)
+        return [self._received.popleft() for _ in range(count)]
+
+    async def _handle(self, batch: list[_Delivery]) -> None:
+        self._batch_sizes.observe(len(batch))
+        now = datetime.now(UTC)
+        good: list[tuple[_Delivery, Reading]] = []
+        for delivery in batch:
+            try:
+                reading = decode_reading(delivery.message.body, now=now, limits=self._limits)
+            except PoisonMessage as error:
+                await self._dead_letter(delivery, str(error))
+            else:
+                good.append((delivery, reading))
+        if not good:
+            return
+        if self._batch_handler is None:
+            handled, failed = await self._one_by_one(good)
+        else:
+            try:
+                await self._batch_handler([reading for _, reading in good])
+            except Exception:
+                log.exception(
+                    "unexpected failure handling a batch; handling it reading by reading",
+                    extra={"queue": self._queue_name, "batch": len(good)},
+                )
+                handled, failed = await self._one_by_one(good)
+            else:
+                handled, failed = good, []
+        await self._requeue(failed)  # settled first: the ack below must not cover them
+        await self._ack(handled)
+
+    async def _one_by_one(
+        self, good: list[tuple[_Delivery, Reading]]
+    ) -> tuple[list[tuple[_Delivery, Reading]], list[_Delivery]]:
+        handled, failed = [], []
+        for delivery, reading in good:
+            try:
+                await self._handler(reading)
+            except Exception:
+                log.exception(
+                    "unexpected failure handling a message; requeueing it",
+                    extra={"message_id": delivery.message.message_id, "queue": self._queue_name},
+                )
+                failed.append(delivery)
+            else:
+                handled.append((delivery, reading))
+        return handled, failed
+
+    async def _ack(self, handled: list[tuple[_Delivery, Reading]]) -> None:
+        """One ``ack(multiple=True)`` on the last delivery of each channel: one channel,
+        unless the connection was re-established during the batch."""
+        by_channel: dict[int, list[_Delivery]] = {}
+        acked = 0
+        for delivery, _ in handled:
+            try:
+                channel = delivery.message.channel
+            except Exception:  # closed: the broker took the delivery back and redelivers it
+                continue
+            by_channel.setdefault(id(channel), []).append(delivery)
+        for deliveries in by_channel.values():
+            last = max(deliveries, key=lambda delivery: delivery.message.delivery_tag or 0)
+            try:
+                await last.message.ack(multiple=True)
+            except Exception:  # channel gone: the broker redelivers unacked messages anyway
+                log.warning("could not ack; the broker will redeliver", exc_info=True)
+            else:
+                acked += len(deliveries)
+        finished, now = time.monotonic(), datetime.now(UTC)
+        for delivery, reading in handled:
+            self._processing.observe(finished - delivery.received)
+            self._lag.observe((now - reading.timestamp).total_seconds())
+        self._settle([delivery for delivery, _ in handled])
+        self._outcomes["acked"].inc(acked)
+        self._outcomes["requeued"].inc(len(handled) - acked)
+
+    async def _requeue(self, deliveries: list[_Delivery]) -> None:
+        for delivery in deliveries:
+            await _requeue(delivery.message)
+        self._settle(deliveries)
+        self._outcomes["requeued"].inc(len(deliveries))
+
+    def _settle(self, deliveries: list[_Delivery]) -> None:
+        for delivery in deliveries:
+            if not delivery.settled:
+                delivery.settled = True
+                self._unsettled -= 1
+
+    async def _dead_letter(self, delivery: _Delivery, reason: str) -> None:
         """Publish to the dead-letter exchange with the reason, confirmed, then ack."""
         assert self._dead_letter_exchange is not None
+        message = delivery.message
         log.warning(
             "dead-lettering a poison message",
             extra={"message_id": message.message_id, "reason": reason, "queue": self._queue_name},
@@ -188,10 +343,15 @@ class ReadingConsumer:
             )
         except Exception:
             log.exception("could not dead-letter; requeueing", extra={"reason": reason})
-            await _requeue(message)
-            return "requeued"
-        await message.ack()
-        return "dead_lettered"
+            await self._requeue([delivery])
+            return
+        try:
+            await message.ack()
+        except Exception:  # channel gone: redelivered, and dead-lettered again
+            log.warning("could not ack a dead letter; the broker will redeliver", exc_info=True)
+        self._settle([delivery])
+        self._outcomes["dead_lettered"].inc()
+        self._processing.observe(time.monotonic() - delivery.received)
 
 
 async def _requeue(message: AbstractIncomingMessage) -> None:

@@ -3,6 +3,7 @@
     python -m scripts.bench                       # about 5 minutes
     python -m scripts.bench --quick               # about 1 minute, smaller figures
     python -m scripts.bench --only broker,unary   # sections: broker, streaming, unary, devices
+    python -m scripts.bench --only soak           # 1M readings, RSS every 100k (make bench-soak)
 
 Sections, in this order:
 - broker: RabbitMQ's own limit for a real reading message in a quorum queue like
@@ -11,6 +12,9 @@ Sections, in this order:
   several client processes; readings/s billed end to end for a bounded number.
 - unary: SendReading with ghz at concurrency 1, 16 and 64; p99 at half the maximum rate.
 - devices: readings/s accepted with the readings spread over 1k, 10k and 100k devices.
+- soak (only when asked for): --soak-readings (1M) in rounds of a tenth, over 10k devices;
+  the RSS of every service and what each has processed after every round, so that growth
+  shows. The queues are not emptied between rounds: billing works through its backlog.
 Then the peak RSS (VmHWM) of each service. Every figure names the load tool and the CPU
 time (user+sys) that tool used, since on a small machine it competes with the services.
 
@@ -33,6 +37,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,6 +51,8 @@ from scripts.bench_stream import StreamPlan, billed_run, run_streams
 from scripts.bench_unary import unary_section
 
 SECTIONS = ("broker", "streaming", "unary", "devices")
+ON_REQUEST = ("soak",)  # long: run only when named in --only
+SOAK_ROUNDS, SOAK_DEVICES = 10, 10_000
 
 
 def machine() -> dict[str, Any]:
@@ -144,6 +151,43 @@ class Bench:
             self.stack.purge()
         return figures
 
+    def soak(self) -> dict[str, Any]:
+        """Send the soak in rounds and read every service's RSS and progress after each."""
+        per_round = self.opts["soak_readings"] // SOAK_ROUNDS
+        minutes_per_round = -(-per_round // SOAK_DEVICES) + 1
+        rounds = []
+        for number in range(SOAK_ROUNDS):
+            plan = self.plan(per_round, 1000, SOAK_DEVICES, "soak")
+            # Each round's readings one stretch of time earlier: new readings, same devices.
+            plan = replace(plan, max_s=600.0, earlier_s=number * minutes_per_round * 60.0)
+            sent = run_streams(plan)
+            rounds.append(
+                {
+                    "sent_total": per_round * (number + 1),
+                    "accepted": sent["accepted"],
+                    "accepted_per_s": sent["accepted_per_s"],
+                    "errors": sent["errors"],
+                    "billed_total": self.stack.billed(),
+                    "rss_mib": {name: mem["rss_mib"] for name, mem in self.stack.memory().items()},
+                }
+            )
+            typer.echo(f"[bench] soak round {number + 1}: {rounds[-1]}", err=True)
+        return {"devices": SOAK_DEVICES, "batch": 1000, "rounds": rounds, **_growth(rounds)}
+
+
+def _growth(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each service's RSS at the end against after the second round (warmed up), in %."""
+    if len(rounds) < 3:
+        return {}
+    warm, end = rounds[1]["rss_mib"], rounds[-1]["rss_mib"]
+    return {
+        "rss_growth_pct_after_warmup": {
+            service: round((end[service] - warm[service]) / warm[service] * 100, 1)
+            for service in end
+            if warm.get(service)
+        }
+    }
+
 
 def run(opts: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """Find or start the stack, run the sections, measure memory, clean up."""
@@ -209,6 +253,9 @@ def main(
     only: Annotated[
         str, typer.Option(help=f"Comma-separated sections of {','.join(SECTIONS)}.")
     ] = ",".join(SECTIONS),
+    soak_readings: Annotated[
+        int, typer.Option(min=SOAK_ROUNDS, help="Readings the soak section sends.")
+    ] = 1_000_000,
     output: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("bench-results.json"),
     own_stack: Annotated[
         bool, typer.Option(help="Start the services even when --target answers.")
@@ -228,8 +275,10 @@ def main(
 ) -> None:
     """Run the benchmark; print the table, then the JSON; exit 1 if a section failed."""
     sections = [s.strip() for s in only.split(",") if s.strip()]
-    if unknown := set(sections) - set(SECTIONS):
-        raise typer.BadParameter(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    if unknown := set(sections) - set(SECTIONS + ON_REQUEST):
+        raise typer.BadParameter(
+            f"unknown sections {sorted(unknown)}; choose from {SECTIONS + ON_REQUEST}"
+        )
     scale = {
         "broker_messages": 5_000 if quick else 20_000,
         "perf_test_s": 3 if quick else 10,
@@ -239,6 +288,7 @@ def main(
         "device_readings": 5_000 if quick else 20_000,
         "billed_readings": billed_readings or (500 if quick else 5_000),
         "billed_wait_s": billed_wait_s or (20 if quick else 120),
+        "soak_readings": soak_readings,
     }
     opts = {
         "target": target,
@@ -254,7 +304,7 @@ def main(
         "redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         **scale,
     }
-    results = run(opts, [s for s in SECTIONS if s in sections])
+    results = run(opts, [s for s in SECTIONS + ON_REQUEST if s in sections])
     results["ratios"] = ratios(results)
     results["table"] = render_table(results)
     output.write_text(json.dumps(results, indent=2) + "\n")

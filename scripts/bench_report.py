@@ -148,6 +148,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             fig["tool"],
             fig["loadgen_cpu_s"],
         )
+    _soak(table, results.get("soak", {}))
     for service, memory in results.get("memory", {}).items():
         table.add(
             "memory",
@@ -157,6 +158,33 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             "/proc",
         )
     return table.rows
+
+
+def _soak(table: Rows, soak: dict[str, Any]) -> None:
+    """Each service's RSS after the second round (warm) and at the end of the soak."""
+    rounds = soak.get("rounds") or []
+    if not rounds:
+        return
+    warm, end = rounds[min(1, len(rounds) - 1)], rounds[-1]
+    last = end["sent_total"]
+    table.add(
+        "soak",
+        f"{last:,} readings over {soak['devices']:,} devices, batches of {soak['batch']}; "
+        f"billed by the end {int(end['billed_total']):,}",
+        sum(r["accepted_per_s"] for r in rounds) / len(rounds),
+        "readings/s",
+        "grpc.aio",
+    )
+    growth = soak.get("rss_growth_pct_after_warmup", {})
+    for service, rss in end["rss_mib"].items():
+        table.add(
+            "soak",
+            f"{service} RSS at {last:,} (at {warm['sent_total']:,}: "
+            f"{warm['rss_mib'].get(service, 0):.0f} MiB, {growth.get(service, 0):+.1f}%)",
+            rss,
+            "MiB",
+            "/proc",
+        )
 
 
 def render_table(results: dict[str, Any]) -> list[str]:

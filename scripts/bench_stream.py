@@ -46,6 +46,7 @@ class StreamPlan:
     streams: int = 4
     max_s: float = 60.0
     timeout_s: float = 60.0
+    earlier_s: float = 0.0  # move every timestamp back this far (a soak's later rounds)
 
 
 def worker_batches(plan: StreamPlan, worker: int, now: float) -> list[list[bytes]]:
@@ -159,7 +160,7 @@ def run_streams(plan: StreamPlan) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")  # grpc's threads do not survive fork
     start = context.Event()
     messages: Queue[dict[str, Any]] = context.Queue()
-    now = time.time()
+    now = time.time() - plan.earlier_s
     clients = [
         context.Process(target=_client, args=(plan, w, now, start, messages), daemon=True)
         for w in range(plan.clients)

@@ -9,9 +9,16 @@ server (see tests/faults).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from billing_service.domain.ledger import Ledger, Recorded, SlotKey, Total, TransientFailure
+from billing_service.domain.ledger import (
+    BatchRecorded,
+    Ledger,
+    SlotKey,
+    Total,
+    TransientFailure,
+)
 from common.models import Reading
 
 
@@ -22,11 +29,11 @@ class FaultyLedger:
         self._inner = inner
         self._control_file = control_file
 
-    async def record(self, reading: Reading) -> Recorded:
+    async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
         if self._control_file.exists():
             kind = self._control_file.read_text().strip() or "timeout"
             raise TransientFailure(f"MongoDB: injected {kind} (fault file {self._control_file})")
-        return await self._inner.record(reading)
+        return await self._inner.record_batch(readings)
 
     async def slot_total(self, key: SlotKey) -> Total:
         return await self._inner.slot_total(key)

@@ -2,10 +2,16 @@
 
 Idempotency without transactions (FerretDB and standalone MongoDB have none):
 1. ``readings``: one document per reading, ``_id`` = reading_id; a repeat is a duplicate key.
-2. ``device_slots``: one bucket per device and 15-minute slot with the ids it holds; a reading is
-   added by one conditional update (``reading_ids: {$ne: id}``), so no total is counted
-   twice; the upsert that creates a bucket is told apart from a redelivery on conflict.
-Each write is idempotent on its own, so a crash between them is healed by the redelivery.
+2. ``device_slots``: one bucket per device and 15-minute slot with the ids it holds and their
+   ``count``. A batch reads its buckets, then adds to each the readings it lacks with one
+   update conditional on the ``count`` it read (``count`` grows with every id added, so an
+   unchanged count means unchanged ids): no total is counted twice, and an update that
+   finds the bucket moved adds nothing and is planned again from a fresh read. A new
+   bucket is inserted, so a concurrent creator shows up as a duplicate key. (The batch
+   writes are in ``mongo_batch``.)
+Each write is idempotent on its own, so a crash between or during them is healed by the
+redelivery: the readings already stored are duplicate keys, the ids already in a bucket are
+left out of its update.
 
 Writes to one bucket are serialised inside the process. MongoDB applies a single-document
 update atomically, but FerretDB 1.24 (SQLite), the test server, does not: 50 concurrent
@@ -15,26 +21,33 @@ update atomically, but FerretDB 1.24 (SQLite), the test server, does not: 50 con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ParamSpec, TypeVar
 
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import (
     AutoReconnect,
     ConnectionFailure,
-    DuplicateKeyError,
     ExecutionTimeout,
     NetworkTimeout,
     ServerSelectionTimeoutError,
     WriteConcernError,
 )
 
-from billing_service.domain.ledger import Recorded, SlotKey, Total, TransientFailure
+from billing_service.adapters.mongo_batch import add_to_buckets, store_readings
+from billing_service.domain.ledger import (
+    BatchRecorded,
+    Recorded,
+    SlotKey,
+    Total,
+    TransientFailure,
+)
 from common.models import Reading
 
 TRANSIENT_ERRORS = (
@@ -120,54 +133,35 @@ class MongoLedger:
             raise TransientFailure(f"MongoDB: {error}") from error
 
     async def record(self, reading: Reading) -> Recorded:
-        key = SlotKey.of(reading)
+        """Record one reading: a batch of one."""
+        recorded = await self.record_batch([reading])
+        return Recorded(recorded.totals[SlotKey.of(reading)], duplicate=not recorded.new)
+
+    async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
+        """Store the readings and add each to its slot bucket once, in a few round trips.
+
+        The ``readings`` documents go in one unordered insert; the buckets are read in one
+        query and written in unordered bulk writes of 20 (new buckets in one insert): a few
+        round trips, one after the other, however large the batch. Each bucket's write is
+        conditional on the ``count`` it was read at, so it adds exactly the readings the
+        bucket did not hold then, or nothing.
+        """
+        groups: dict[SlotKey, list[Reading]] = {}
+        for reading in readings:
+            groups.setdefault(SlotKey.of(reading), []).append(reading)
+        # Always in the same order, so two batches sharing buckets cannot deadlock.
+        locks = [
+            self._bucket_locks.setdefault(bucket_id, asyncio.Lock())
+            for bucket_id in sorted(key.bucket_id for key in groups)
+        ]
         try:
-            try:
-                await self.readings.insert_one(
-                    {
-                        "_id": reading.reading_id,
-                        "device_id": reading.device_id,
-                        "timestamp": reading.timestamp,
-                        "usage_kwh": reading.usage_kwh,
-                        "usage_milliwh": reading.usage_milliwh,
-                    }
-                )
-            except DuplicateKeyError:
-                pass  # stored by an earlier delivery
-            lock = self._bucket_locks.setdefault(key.bucket_id, asyncio.Lock())
-            async with lock:
-                return await self._add_to_bucket(key, reading)
+            async with contextlib.AsyncExitStack() as held:
+                for lock in locks:
+                    await held.enter_async_context(lock)
+                await store_readings(self.readings, readings)
+                return await add_to_buckets(self.device_slots, groups)
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
-
-    async def _add_to_bucket(self, key: SlotKey, reading: Reading) -> Recorded:
-        """Add the reading to its bucket unless the bucket holds it already."""
-        holds_not = {"_id": key.bucket_id, "reading_ids": {"$ne": reading.reading_id}}
-        add = {
-            "$push": {"reading_ids": reading.reading_id},
-            "$inc": {"count": 1, "usage_milliwh": reading.usage_milliwh},
-            # $min and $max are idempotent: safe even on a redelivery.
-            "$min": {"min_milliwh": reading.usage_milliwh},
-            "$max": {"max_milliwh": reading.usage_milliwh},
-        }
-        create = {"device_id": key.device_id, "start": key.start}
-        try:
-            bucket = await self.device_slots.find_one_and_update(
-                holds_not,
-                {**add, "$setOnInsert": create},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:
-            # The bucket exists: either it holds the reading (a redelivery), or a concurrent
-            # first reading created it between our match and insert. Now that it exists, a
-            # plain conditional update tells the two apart.
-            bucket = await self.device_slots.find_one_and_update(
-                holds_not, add, return_document=ReturnDocument.AFTER
-            )
-            if bucket is None:
-                return Recorded(await self.slot_total(key), duplicate=True)
-        return Recorded(Total(bucket["count"], bucket["usage_milliwh"]), duplicate=False)
 
     @_transient
     async def slot_total(self, key: SlotKey) -> Total:

@@ -11,7 +11,7 @@ Keys (``prefix`` defaults to ``energy:``):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -84,13 +84,26 @@ class RedisCache:
         )
 
     async def put_latest(self, reading: Reading) -> None:
-        ts_us = int(reading.timestamp.timestamp() * 1_000_000)
         await self._call(
-            self._put_latest(
-                keys=[self.latest_key(reading.device_id)],
-                args=[ts_us, reading.reading_id, reading.timestamp.isoformat(), reading.usage_kwh],
-            )
+            self._put_latest(keys=[self.latest_key(reading.device_id)], args=_latest_args(reading))
         )
+
+    async def put_batch(self, totals: Mapping[SlotKey, Total], latest: Iterable[Reading]) -> None:
+        """A batch's slot totals and latest readings in one pipeline, each compare-newer."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, total in totals.items():
+                await self._put_slot_total(
+                    keys=[self.month_key(key.device_id, key.month)],
+                    args=[key.field, total.count, total.usage_milliwh, MONTH_TTL_S],
+                    client=pipe,
+                )
+            for reading in latest:
+                await self._put_latest(
+                    keys=[self.latest_key(reading.device_id)],
+                    args=_latest_args(reading),
+                    client=pipe,
+                )
+            await self._call(pipe.execute())
 
     async def month_slots(self, device_id: str, month: str) -> MonthSlots:
         """The slot totals cached for a UTC month (YYYY-MM), and whether they are complete.
@@ -161,3 +174,8 @@ class RedisCache:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _latest_args(reading: Reading) -> list[object]:
+    ts_us = int(reading.timestamp.timestamp() * 1_000_000)
+    return [ts_us, reading.reading_id, reading.timestamp.isoformat(), reading.usage_kwh]

@@ -6,15 +6,17 @@ energy used before 07:00. Slots are 15 minutes of UTC; every time zone offset an
 time-of-use band boundary is a multiple of 15 minutes, so each slot lies in exactly one
 band and one local billing month, whatever the tariff.
 
-Each (device, slot) bucket records the reading ids it holds, so adding a reading is one
-atomic conditional update that does nothing the second time. Energy is kept as integer
+Each (device, slot) bucket records the reading ids it holds, so adding readings to it is
+one atomic conditional update that never adds an id twice. Energy is kept as integer
 milliwatt-hours so totals are exact and the same in any order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Protocol
 
 from common.models import MILLIWH_PER_KWH, Reading
@@ -38,7 +40,7 @@ class SlotKey:
     device_id: str
     start: datetime  # UTC, a multiple of 15 minutes
 
-    @property
+    @cached_property  # used several times per bucket and batch: format it once
     def bucket_id(self) -> str:
         return f"{self.device_id}|{self.start.strftime('%Y-%m-%dT%H:%M')}"
 
@@ -80,11 +82,26 @@ class Recorded:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class BatchRecorded:
+    """The outcome of recording a batch of readings.
+
+    ``totals``: every slot the batch touched, after the writes (also the slots where every
+    reading was a duplicate, so a redelivery heals a cache that missed the first write).
+    ``new``: the readings billed now, each once. ``duplicates``: the other readings of the
+    batch, already billed before or repeated within it.
+    """
+
+    totals: dict[SlotKey, Total]
+    new: list[Reading]
+    duplicates: int
+
+
 class Ledger(Protocol):
     """The source of truth (MongoDB)."""
 
-    async def record(self, reading: Reading) -> Recorded:
-        """Store the reading once; return its slot bucket's total after the write."""
+    async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
+        """Store each reading once, whatever the batch repeats or earlier batches held."""
         ...
 
     async def slot_total(self, key: SlotKey) -> Total: ...
@@ -98,3 +115,7 @@ class Cache(Protocol):
     async def put_slot_total(self, key: SlotKey, total: Total) -> None: ...
 
     async def put_latest(self, reading: Reading) -> None: ...
+
+    async def put_batch(self, totals: Mapping[SlotKey, Total], latest: Iterable[Reading]) -> None:
+        """A batch's slot totals and each device's latest reading, in one round trip."""
+        ...

@@ -130,9 +130,8 @@ async def traffic(stack: Stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.SendReading(reading("meter-001", -600), timeout=10)  # future: rejected
         await wait_until(lambda: _billed(stack, len(requests)), what="readings billed")
-        await stub.GetDeviceBill(
-            billing_pb2.GetDeviceBillRequest(device_id="meter-001"), timeout=10
-        )
+        # Billing may bill the readings before its next reload of the catalog saved above.
+        await wait_until(lambda: _bill_answered(stub, "meter-001"), what="the catalog loaded")
         await stub.GetLatestReading(
             billing_pb2.GetLatestReadingRequest(device_id="meter-001"), timeout=10
         )
@@ -145,6 +144,16 @@ async def traffic(stack: Stack) -> None:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(Topology(stack.prefix).exchange)
         await exchange.publish(aio_pika.Message(b"{poison"), ROUTING_KEY)
+
+
+async def _bill_answered(stub: gateway_pb2_grpc.GatewayStub, device_id: str) -> bool:
+    try:
+        await stub.GetDeviceBill(billing_pb2.GetDeviceBillRequest(device_id=device_id), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # no catalog loaded yet
+            return False
+        raise
+    return True
 
 
 async def _billed(stack: Stack, count: int) -> bool:

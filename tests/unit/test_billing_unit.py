@@ -6,14 +6,17 @@ The same MongoLedger runs against the real FerretDB in tests/component.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
+import mongomock.collection
 import pytest
 from mongomock_motor import AsyncMongoMockClient
 
+from billing_service.adapters import mongo_batch
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.consumer import BillingHandler
-from billing_service.domain.ledger import SlotKey, Total, TransientFailure
+from billing_service.domain.ledger import BatchRecorded, SlotKey, Total, TransientFailure
 from common.models import Reading, validate_reading
 from tests.conftest import wait_until
 
@@ -22,6 +25,19 @@ NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 def reading(minute: int, kwh: float = 0.5, device: str = "meter-1", day: int = 22) -> Reading:
     return validate_reading(device, datetime(2026, 11, day, 11, minute, tzinfo=UTC), kwh, now=NOW)
+
+
+@pytest.fixture(autouse=True)
+def _mongomock_takes_update_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mongomock 4.3 predates pymongo 4.11's ``UpdateOne(sort=...)``, which bulk_write
+    passes on to it; drop the (unused) argument so bulk_write runs on mongomock."""
+    add_update = mongomock.collection.BulkOperationBuilder.add_update
+
+    def without_sort(self, *args, sort=None, **kwargs):  # type: ignore[no-untyped-def]
+        assert sort is None
+        return add_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(mongomock.collection.BulkOperationBuilder, "add_update", without_sort)
 
 
 @pytest.fixture
@@ -76,11 +92,11 @@ class FlakyLedger:
     def __init__(self, inner: MongoLedger, failures: int) -> None:
         self.inner, self.failures, self.calls = inner, failures, 0
 
-    async def record(self, reading: Reading):  # type: ignore[no-untyped-def]
+    async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
         self.calls += 1
         if self.calls <= self.failures:
             raise TransientFailure("MongoDB: connection refused")
-        return await self.inner.record(reading)
+        return await self.inner.record_batch(readings)
 
     async def slot_total(self, key: SlotKey) -> Total:
         return await self.inner.slot_total(key)
@@ -106,6 +122,13 @@ class MemoryCache:
         if self.down:
             raise TransientFailure("Redis: connection refused")
         self.latest[reading.device_id] = reading
+
+    async def put_batch(self, totals: Mapping[SlotKey, Total], latest: Iterable[Reading]) -> None:
+        self.attempts += 1
+        if self.down:
+            raise TransientFailure("Redis: connection refused")
+        self.slots.update(totals)
+        self.latest.update((reading.device_id, reading) for reading in latest)
 
 
 async def test_a_transient_ledger_failure_is_retried_until_it_succeeds(ledger: MongoLedger) -> None:
@@ -139,3 +162,109 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
 
 async def _has_entries(cache: MemoryCache) -> bool:
     return bool(cache.slots)
+
+
+# The batch path: each reading counted once whatever the batch repeats, a redelivery, a
+# crash between the writes or a concurrent writer of the same buckets.
+
+
+def _expected(readings: Iterable[Reading]) -> dict[SlotKey, Total]:
+    totals: dict[SlotKey, Total] = {}
+    for r in {r.reading_id: r for r in readings}.values():
+        key = SlotKey.of(r)
+        totals[key] = totals.get(key, Total()) + Total(1, r.usage_milliwh)
+    return totals
+
+
+async def _stored(ledger: MongoLedger, keys: Iterable[SlotKey]) -> dict[SlotKey, Total]:
+    return {key: await ledger.slot_total(key) for key in keys}
+
+
+async def test_a_batch_with_repeats_inside_counts_each_reading_once(ledger: MongoLedger) -> None:
+    batch = [reading(1), reading(2), reading(1), reading(20), reading(2), reading(1)]
+    recorded = await ledger.record_batch(batch)
+    assert [r.reading_id for r in recorded.new] == [
+        r.reading_id for r in (reading(1), reading(2), reading(20))
+    ]
+    assert recorded.duplicates == 3
+    assert recorded.totals == _expected(batch)
+    assert await _stored(ledger, recorded.totals) == _expected(batch)
+    assert await ledger.readings.count_documents({}) == 3
+    bucket = await ledger.device_slots.find_one({"_id": SlotKey.of(reading(1)).bucket_id})
+    assert bucket["reading_ids"] == [reading(1).reading_id, reading(2).reading_id]
+    assert (bucket["min_milliwh"], bucket["max_milliwh"]) == (500_000, 500_000)
+
+
+async def test_a_redelivered_batch_changes_nothing(ledger: MongoLedger) -> None:
+    batch = [reading(m, kwh=0.1 * m, device=f"d{m % 3}") for m in range(1, 40)]
+    first = await ledger.record_batch(batch)
+    again = await ledger.record_batch(list(reversed(batch)))
+    assert len(first.new) == len(batch) and first.duplicates == 0
+    assert again.new == [] and again.duplicates == len(batch)
+    assert again.totals == first.totals == _expected(batch)
+    assert await _stored(ledger, first.totals) == _expected(batch)
+
+
+async def test_a_batch_redelivered_after_a_crash_between_its_writes(ledger: MongoLedger) -> None:
+    batch = [reading(m, kwh=0.01 * m, device=f"d{m % 4}") for m in range(1, 59)]
+    # The crash came after the readings were stored and some buckets were written (the
+    # first half of the batch), before the ack: the broker redelivers the whole batch.
+    await mongo_batch.store_readings(ledger.readings, batch)
+    await ledger.record_batch(batch[: len(batch) // 2])
+    redelivered = await ledger.record_batch(batch)
+    assert {r.reading_id for r in redelivered.new} == {
+        r.reading_id for r in batch[len(batch) // 2 :]
+    }
+    assert redelivered.duplicates == len(batch) // 2
+    assert redelivered.totals == _expected(batch)
+    assert await _stored(ledger, redelivered.totals) == _expected(batch)
+    assert await ledger.readings.count_documents({}) == len(batch)
+
+
+async def test_concurrent_batches_sharing_buckets_add_each_reading_once(
+    ledger: MongoLedger,
+) -> None:
+    first = [reading(m, device=f"d{m % 2}") for m in range(0, 40)]
+    second = [reading(m, device=f"d{m % 2}") for m in range(20, 59)]  # 20 in both
+    one, two = await asyncio.gather(ledger.record_batch(first), ledger.record_batch(second))
+    assert len(one.new) + len(two.new) == len({r.reading_id for r in first + second})
+    assert one.duplicates + two.duplicates == 20
+    assert await _stored(ledger, _expected(first + second)) == _expected(first + second)
+
+
+async def test_a_replica_whose_buckets_moved_since_it_read_them_plans_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ledgers (two billing replicas, one database): B writes between A's read and
+    A's write, into buckets A updates and a bucket A creates. A's conditional updates
+    match nothing, its insert is a duplicate key; A reads again and adds what is missing.
+    (MongoDB applies each single-document update atomically; FerretDB does not, hence
+    one billing replica on FerretDB.)"""
+    database = AsyncMongoMockClient()["billing"]
+    a, b = MongoLedger(database), MongoLedger(database)
+    await a.record_batch([reading(1), reading(16)])  # buckets 11:00 and 11:15 exist
+    first = [reading(2), reading(3), reading(17), reading(31), reading(32)]
+    second = [reading(3), reading(18), reading(32), reading(33)]  # 3 and 32 in both
+    read = mongo_batch.read_buckets
+    reads_of_a = 0
+
+    async def read_then_let_b_write(slots, keys):  # type: ignore[no-untyped-def]
+        nonlocal reads_of_a
+        held = await read(slots, keys)
+        reads_of_a += 1
+        if reads_of_a == 1:
+            monkeypatch.setattr(mongo_batch, "read_buckets", read)  # B reads plainly
+            await b.record_batch(second)
+            monkeypatch.setattr(mongo_batch, "read_buckets", read_then_let_b_write)
+        return held
+
+    monkeypatch.setattr(mongo_batch, "read_buckets", read_then_let_b_write)
+    recorded = await a.record_batch(first)
+    assert reads_of_a == 2
+    everything = [reading(1), reading(16), *first, *second]
+    assert await _stored(a, _expected(everything)) == _expected(everything)
+    assert recorded.totals == _expected(everything)
+    assert {r.reading_id for r in recorded.new} == {
+        r.reading_id for r in (reading(2), reading(17), reading(31))
+    }
+    assert recorded.duplicates == 2

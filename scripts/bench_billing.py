@@ -1,0 +1,396 @@
+"""Benchmark (not a test): how fast billing_service drains its queue into MongoDB and Redis.
+
+    python -m scripts.bench_billing [--readings 5000] [--devices 200] [--profile billing.txt]
+
+Publishes ``--readings`` valid readings (``--devices`` devices, one reading per device every
+``--interval-s`` seconds, in time order) onto a topology of its own (prefix
+``bench-billing.``), then starts ``python -m billing_service`` on it (database
+``bench_billing``, Redis prefix ``bench-billing:``) and times the drain: from the moment
+billing's consumer appears on the queue until billing has acked every reading. It then
+checks that MongoDB holds each reading once and that the slot counts add up, prints
+readings/s and the CPU seconds billing and FerretDB used, and removes everything it made.
+
+``--profile PATH`` samples billing with py-spy (``pip install py-spy``) at 100 Hz during
+the drain, writes the collapsed stacks to PATH and prints the functions that cost the
+most: ``--profile-mode cpu`` samples the thread holding the GIL (Python's own CPU work),
+``wall`` every thread, waiting ones too (where the time goes: mostly waiting for MongoDB).
+Billing's own settings (BILLING_BATCH_SIZE, BILLING_PREFETCH, ...) pass through from the
+environment; MONGODB_URL, REDIS_URL and RABBITMQ_URL point it at the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import aio_pika
+import httpx
+import redis.asyncio as redis
+import typer
+from prometheus_client.parser import text_string_to_metric_families
+
+from billing_service.adapters.mongo import MongoLedger
+from billing_service.settings import BillingSettings
+from common.messages import CONTENT_TYPE, encode_reading
+from common.models import Reading, validate_reading
+from common.rabbit import ROUTING_KEY, Topology, declare_topology
+from common.settings import load_settings
+
+# py-spy's flag for each --profile-mode
+PROFILE_MODES = {"cpu": "--gil", "wall": "--idle"}
+# Frames at the bottom of every stack of a thread: no information in their share.
+_EVERYWHERE = {
+    "<module> (billing_service/__main__.py)",
+    "main (billing_service/__main__.py)",
+    "_run_code (<frozen runpy>)",
+    "_run_module_as_main (<frozen runpy>)",
+    "run (common/loop.py)",
+    "run (uvloop/__init__.py)",
+    "Runner.run (asyncio/runners.py)",
+    "Thread._bootstrap (threading.py)",
+    "Thread._bootstrap_inner (threading.py)",
+    "Thread.run (threading.py)",
+    "_worker (concurrent/futures/thread.py)",
+    "_WorkItem.run (concurrent/futures/thread.py)",
+}
+TOPOLOGY_PREFIX = "bench-billing."
+DATABASE = "bench_billing"
+REDIS_PREFIX = "bench-billing:"
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    readings: Annotated[int, typer.Option(help="readings to publish and bill")] = 5000,
+    devices: Annotated[int, typer.Option(help="distinct devices")] = 200,
+    interval_s: Annotated[float, typer.Option(help="seconds between a device's readings")] = 60,
+    profile: Annotated[
+        Path | None, typer.Option(help="py-spy billing during the drain; collapsed stacks here")
+    ] = None,
+    profile_mode: Annotated[
+        str,
+        typer.Option(help="cpu: the thread holding the GIL; wall: every thread, waiting too"),
+    ] = "cpu",
+    timeout_s: Annotated[float, typer.Option(help="give up on the drain after this long")] = 900,
+) -> None:
+    """Print the drain rate in readings/s."""
+    if profile_mode not in PROFILE_MODES:
+        raise typer.BadParameter(f"--profile-mode is one of {', '.join(PROFILE_MODES)}")
+    settings = load_settings(BillingSettings)
+    asyncio.run(_bench(settings, readings, devices, interval_s, profile, profile_mode, timeout_s))
+
+
+async def _bench(
+    settings: BillingSettings,
+    count: int,
+    devices: int,
+    interval_s: float,
+    profile: Path | None,
+    profile_mode: str,
+    timeout_s: float,
+) -> None:
+    topology = Topology(TOPOLOGY_PREFIX)
+    await _clean(settings, topology)  # leftovers of an interrupted run
+    try:
+        batch = _readings(count, devices, interval_s)
+        started = time.perf_counter()
+        await _publish(settings.rabbitmq_url, topology, batch)
+        print(
+            f"published {count} readings of {devices} devices in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+        await _drain(settings, topology, count, profile, profile_mode, timeout_s)
+        await _check_billed(settings, batch)
+    finally:
+        await _clean(settings, topology)
+
+
+def _readings(count: int, devices: int, interval_s: float) -> list[Reading]:
+    """Device by device, tick by tick, ending a minute ago: distinct ids and timestamps."""
+    now = datetime.now(UTC)
+    ticks = -(-count // devices)
+    start = now - timedelta(seconds=60 + ticks * interval_s)
+    # From 30 s after a 15-minute boundary: every run fills the same number of slots.
+    first = start.replace(minute=start.minute // 15 * 15, second=30, microsecond=0)
+    return [
+        validate_reading(
+            f"bench-{index % devices:05d}",
+            first + timedelta(seconds=(index // devices) * interval_s),
+            0.001 * (1 + index % 97),
+            now=now,
+        )
+        for index in range(count)
+    ]
+
+
+async def _publish(url: str, topology: Topology, readings: list[Reading]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = (await declare_topology(channel, topology)).exchange
+        for chunk in range(0, len(readings), 500):
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            encode_reading(reading),
+                            content_type=CONTENT_TYPE,
+                            message_id=reading.reading_id,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
+                        ROUTING_KEY,
+                    )
+                    for reading in readings[chunk : chunk + 500]
+                )
+            )
+
+
+async def _drain(
+    settings: BillingSettings,
+    topology: Topology,
+    count: int,
+    profile: Path | None,
+    profile_mode: str,
+    timeout_s: float,
+) -> None:
+    metrics_port = _free_port()
+    env = {
+        **os.environ,
+        "TOPOLOGY_PREFIX": TOPOLOGY_PREFIX,
+        "MONGODB_DATABASE": DATABASE,
+        "REDIS_KEY_PREFIX": REDIS_PREFIX,
+        "BILLING_PORT": str(_free_port()),
+        "BILLING_METRICS_PORT": str(metrics_port),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+    }
+    log = tempfile.NamedTemporaryFile(prefix="bench-billing-", suffix=".log", delete=False)
+    billing = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "billing_service", env=env, stdout=log, stderr=log
+    )
+    spy: asyncio.subprocess.Process | None = None
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        connection = await aio_pika.connect(settings.rabbitmq_url)
+        async with connection, httpx.AsyncClient(timeout=5) as client:
+            channel = await connection.channel()
+            await _until(lambda: _answers(client, metrics_url), 30, "billing's /metrics", billing)
+            if profile is not None:
+                spy = await _start_py_spy(billing.pid, profile, profile_mode)
+            await _until(
+                lambda: _has_consumer(channel, topology.billing_queue), 30, "consumer", billing
+            )
+            began, cpu_before = time.perf_counter(), _cpu_seconds()
+            billing_cpu = _process_cpu(billing.pid)
+            await _until(
+                lambda: _drained(channel, topology.billing_queue, client, metrics_url, count),
+                timeout_s,
+                "the drain",
+                billing,
+            )
+            took_s, cpu_after = time.perf_counter() - began, _cpu_seconds()
+            billing_cpu = _process_cpu(billing.pid) - billing_cpu
+        print(f"billed {count} readings in {took_s:.2f} s: {count / took_s:,.0f} readings/s")
+        used = {
+            name: cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0)
+            for name in ("ferretdb", "beam.smp", "redis-server")
+        }
+        print(
+            f"CPU seconds during the drain: billing {billing_cpu:.1f}, "
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items())
+        )
+    except BaseException:
+        print(_tail(log.name), file=sys.stderr)
+        raise
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.wait_for(spy.wait(), timeout=60)
+        if billing.returncode is None:
+            billing.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(billing.wait(), timeout=60)
+        log.close()
+        os.unlink(log.name)
+    if profile is not None:
+        _print_profile(profile, profile_mode)
+
+
+def _tail(path: str) -> str:
+    return Path(path).read_text()[-3000:]
+
+
+def _py_spy() -> str:
+    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(binary).exists():
+        raise typer.BadParameter("py-spy is not installed: pip install py-spy")
+    return binary
+
+
+async def _start_py_spy(pid: int, output: Path, mode: str) -> asyncio.subprocess.Process:
+    spy = await asyncio.create_subprocess_exec(
+        _py_spy(), "record", "--pid", str(pid), "--rate", "100", PROFILE_MODES[mode],
+        "--nonblocking", "--format", "raw", "--output", str(output),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(0.5)  # attached
+    return spy
+
+
+def _print_profile(path: Path, mode: str, top: int = 12) -> None:
+    """Top functions by samples: inclusive (anywhere on the stack, leaving out the frames
+    every sample of a thread has) and self (the leaf)."""
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack or not samples.isdigit():
+            continue
+        frames = [_function(frame) for frame in stack.split(";")[1:]]  # [0] is the thread
+        total += int(samples)
+        for name in set(frames) - _EVERYWHERE:
+            inclusive[name] += int(samples)
+        if frames:
+            leaf[frames[-1]] += int(samples)
+    what = "holding the GIL" if mode == "cpu" else "of every thread, idle or not"
+    print(f"profile: {total} samples {what} (py-spy {PROFILE_MODES[mode]}, 100 Hz) in {path}")
+    for title, counts in (("inclusive", inclusive), ("self", leaf)):
+        print(f"  top {top} {title}:")
+        for name, samples in counts.most_common(top):
+            print(f"    {100 * samples / max(total, 1):5.1f}%  {name}")
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/module.py:123)`` without the line and the site-packages prefix."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+    return f"{name} ({where})"
+
+
+async def _until(predicate, timeout_s: float, what: str, process) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.perf_counter() + timeout_s
+    while not await predicate():
+        if process.returncode is not None:
+            raise RuntimeError(f"billing exited {process.returncode} while waiting for {what}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"no {what} after {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+async def _answers(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _has_consumer(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
+    declared = await channel.declare_queue(queue, passive=True)
+    return bool(declared.declaration_result.consumer_count)
+
+
+async def _drained(
+    channel: aio_pika.abc.AbstractChannel,
+    queue: str,
+    client: httpx.AsyncClient,
+    url: str,
+    count: int,
+) -> bool:
+    """Every reading acked; billing's /metrics is asked only once none is left to deliver
+    (a scrape costs billing CPU: asked 20 times a second all along, it would show)."""
+    declared = await channel.declare_queue(queue, passive=True)
+    if declared.declaration_result.message_count:
+        return False
+    text = (await client.get(url)).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "consumer_messages_total" and sample.labels.get("outcome") in (
+                "acked",
+                "dead_lettered",
+            ):
+                count -= int(sample.value)
+    return count <= 0
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of the servers on this machine, by process name (from /proc)."""
+    found: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            values = fields[1].split()
+        except (OSError, IndexError):
+            continue
+        found[name] = found.get(name, 0.0) + _ticks(values)
+    return found
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        return _ticks(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())
+    except OSError:
+        return 0.0
+
+
+def _ticks(values: list[str]) -> float:
+    # utime and stime are fields 14 and 15 of /proc/PID/stat, 12 and 13 after the name
+    return (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _check_billed(settings: BillingSettings, readings: list[Reading]) -> None:
+    ledger = MongoLedger.connect(settings.mongodb_url, DATABASE, settings.mongodb_timeout_s)
+    try:
+        stored = await ledger.readings.count_documents({})
+        counts = [
+            document["count"]
+            async for document in ledger.device_slots.find({}, projection={"count": 1})
+        ]
+    finally:
+        ledger.close()
+    # Python sums: FerretDB's $sum over integers answers 0.
+    assert stored == len(readings), f"{stored} readings stored, {len(readings)} published"
+    assert sum(counts) == len(readings), f"slots count {sum(counts)}, {len(readings)} published"
+    print(f"checked: {stored} readings stored once, {len(counts)} slots adding up to {sum(counts)}")
+
+
+async def _clean(settings: BillingSettings, topology: Topology) -> None:
+    ledger = MongoLedger.connect(settings.mongodb_url, DATABASE, settings.mongodb_timeout_s)
+    try:
+        await ledger.database.client.drop_database(DATABASE)
+    finally:
+        ledger.close()
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = [key async for key in client.scan_iter(f"{REDIS_PREFIX}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (topology.billing_queue, topology.analytics_queue, topology.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (topology.exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+if __name__ == "__main__":
+    app()
