@@ -161,26 +161,27 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def _soak(table: Rows, soak: dict[str, Any]) -> None:
-    """Each service's RSS after the second round (warm) and at the end of the soak."""
+    """Each service's RSS after the first round, at half-way and at the end of the soak."""
     rounds = soak.get("rounds") or []
     if not rounds:
         return
-    warm, end = rounds[min(1, len(rounds) - 1)], rounds[-1]
-    last = end["sent_total"]
+    first, middle, end = rounds[0], rounds[len(rounds) // 2 - 1], rounds[-1]
     table.add(
         "soak",
-        f"{last:,} readings over {soak['devices']:,} devices, batches of {soak['batch']}; "
-        f"billed by the end {int(end['billed_total']):,}",
+        f"{end['sent_total']:,} readings over {soak['devices']:,} devices, batches of "
+        f"{soak['batch']}; billed by the end {int(end['billed_total']):,}",
         sum(r["accepted_per_s"] for r in rounds) / len(rounds),
         "readings/s",
         "grpc.aio",
     )
-    growth = soak.get("rss_growth_pct_after_warmup", {})
+    growth = soak.get("rss_growth_pct_second_half", {})
     for service, rss in end["rss_mib"].items():
         table.add(
             "soak",
-            f"{service} RSS at {last:,} (at {warm['sent_total']:,}: "
-            f"{warm['rss_mib'].get(service, 0):.0f} MiB, {growth.get(service, 0):+.1f}%)",
+            f"{service} RSS after {first['sent_total']:,} / {middle['sent_total']:,} / "
+            f"{end['sent_total']:,}: {first['rss_mib'].get(service, 0):.0f} / "
+            f"{middle['rss_mib'].get(service, 0):.0f} / {rss:.0f} MiB; "
+            f"second half {growth.get(service, 0):+.1f}%",
             rss,
             "MiB",
             "/proc",
