@@ -48,6 +48,8 @@ class AnalyticsApp:
             AnalyticsHandler(self.tally, self.catalog.is_registered, settings.top_n),
             settings.prefetch,
             settings.limits,
+            # Handled one by one, acked once per batch: the ack frames were its top cost.
+            batch_linger_s=settings.batch_linger_s,
         )
         self._background: list[asyncio.Task[None]] = []
 

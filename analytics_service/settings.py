@@ -14,7 +14,10 @@ class AnalyticsSettings(BrokerSettings, InternalClientTlsSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     metrics_port: Port = 9100
-    prefetch: int = Field(256, ge=1, le=10_000)
+    prefetch: int = Field(256, ge=1, le=10_000, description="unacked deliveries in flight")
+    batch_linger_s: float = Field(
+        0.05, ge=0, le=10, description="gather deliveries this long, then ack them at once"
+    )
     mongodb_url: str = Field(
         "mongodb://127.0.0.1:27017/", pattern="^mongodb(\\+srv)?://", validation_alias="MONGODB_URL"
     )

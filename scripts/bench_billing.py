@@ -45,6 +45,7 @@ from common.messages import CONTENT_TYPE, encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY, Topology, declare_topology
 from common.settings import load_settings
+from scripts.bench_stack import cpu_by_name, process_cpu
 
 # py-spy's flag for each --profile-mode
 PROFILE_MODES = {"cpu": "--gil", "wall": "--idle"}
@@ -189,16 +190,16 @@ async def _drain(
             await _until(
                 lambda: _has_consumer(channel, topology.billing_queue), 30, "consumer", billing
             )
-            began, cpu_before = time.perf_counter(), _cpu_seconds()
-            billing_cpu = _process_cpu(billing.pid)
+            began, cpu_before = time.perf_counter(), cpu_by_name()
+            billing_cpu = process_cpu(billing.pid)
             await _until(
                 lambda: _drained(channel, topology.billing_queue, client, metrics_url, count),
                 timeout_s,
                 "the drain",
                 billing,
             )
-            took_s, cpu_after = time.perf_counter() - began, _cpu_seconds()
-            billing_cpu = _process_cpu(billing.pid) - billing_cpu
+            took_s, cpu_after = time.perf_counter() - began, cpu_by_name()
+            billing_cpu = process_cpu(billing.pid) - billing_cpu
         print(f"billed {count} readings in {took_s:.2f} s: {count / took_s:,.0f} readings/s")
         used = {
             name: cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0)
@@ -322,32 +323,6 @@ async def _drained(
             ):
                 count -= int(sample.value)
     return count <= 0
-
-
-def _cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of the servers on this machine, by process name (from /proc)."""
-    found: dict[str, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-            name = fields[0].split("(", 1)[1]
-            values = fields[1].split()
-        except (OSError, IndexError):
-            continue
-        found[name] = found.get(name, 0.0) + _ticks(values)
-    return found
-
-
-def _process_cpu(pid: int) -> float:
-    try:
-        return _ticks(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())
-    except OSError:
-        return 0.0
-
-
-def _ticks(values: list[str]) -> float:
-    # utime and stime are fields 14 and 15 of /proc/PID/stat, 12 and 13 after the name
-    return (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _check_billed(settings: BillingSettings, readings: list[Reading]) -> None:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 
-from common.messages import CONTENT_TYPE, SCHEMA_VERSION, encode_reading
+from common.messages import CONTENT_TYPE, encode_reading
 from common.models import validate_reading
 from common.rabbit import Topology, reading_queue_arguments
 
@@ -91,7 +91,6 @@ async def _publish(
                     content_type=CONTENT_TYPE,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=f"bench-{index}",
-                    headers={"schema-version": SCHEMA_VERSION},
                 ),
                 routing_key=queue,
                 timeout=30,

@@ -72,6 +72,15 @@ def _streaming(table: Rows, streaming: dict[str, Any]) -> None:
                 fig["tool"],
                 fig["loadgen_cpu_s"],
             )
+            if cpu := fig.get("cpu_us_per_reading"):
+                table.add(
+                    "streaming",
+                    f"CPU per reading, batches of {batch}: "
+                    + ", ".join(f"{name} {us:.0f}" for name, us in cpu.items()),
+                    sum(cpu.values()),
+                    "µs",
+                    "/proc",
+                )
     if fig := streaming.get("billed"):
         state = "all" if fig["complete"] else f"INCOMPLETE, {fig['wait_s']:g} s limit"
         table.add(

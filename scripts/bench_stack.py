@@ -87,6 +87,33 @@ def memory_mib(pid: int) -> dict[str, float]:
     return {"peak_rss_mib": values.get("VmHWM", 0.0), "rss_mib": values.get("VmRSS", 0.0)}
 
 
+def cpu_by_name() -> dict[str, float]:
+    """CPU seconds so far of the servers on this machine, by process name (from /proc)."""
+    found: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            values = fields[1].split()
+        except (OSError, IndexError):
+            continue
+        found[name] = found.get(name, 0.0) + _ticks(values)
+    return found
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user+sys) a process has used so far; 0 when it is gone."""
+    try:
+        return _ticks(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())
+    except OSError:
+        return 0.0
+
+
+def _ticks(values: list[str]) -> float:
+    # utime and stime are fields 14 and 15 of /proc/PID/stat, 12 and 13 after the name
+    return (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def counter(url: str, name: str, labels: dict[str, str]) -> float:
     """One sample of a Prometheus text endpoint (0 when absent)."""
     with _NO_PROXY.open(url, timeout=5) as response:
@@ -252,6 +279,14 @@ class BenchStack:
     def store_retries(self) -> float:
         """billing_store_retries_total now: retries after a transient MongoDB failure."""
         return counter(self.billing_metrics_url, "billing_store_retries_total", {})
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of each service, RabbitMQ and FerretDB."""
+        found = {service: process_cpu(pid) for service, pid in self.pids.items()}
+        servers = cpu_by_name()
+        found["rabbitmq"] = servers.get("beam.smp", 0.0)
+        found["ferretdb"] = servers.get("ferretdb", 0.0)
+        return found
 
     def memory(self) -> dict[str, dict[str, float]]:
         """Peak and current RSS of each service found (a stopped one is left out)."""
