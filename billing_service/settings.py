@@ -29,9 +29,9 @@ class BillingSettings(BrokerSettings, ServerTlsSettings):
     )
     redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
     redis_timeout_s: float = Field(2.0, gt=0)
-    prefetch: int = Field(2000, ge=1, le=10_000, description="unacked deliveries in flight")
+    prefetch: int = Field(5000, ge=1, le=10_000, description="unacked deliveries in flight")
     batch_size: int = Field(
-        1000, ge=1, le=10_000, description="deliveries billed together (at most the prefetch)"
+        2500, ge=1, le=10_000, description="deliveries billed together (at most the prefetch)"
     )  # left at its default, it shrinks to a smaller prefetch
     batch_linger_s: float = Field(
         0.05, ge=0, le=10, description="wait this long after a delivery for a fuller batch"

@@ -80,7 +80,7 @@ BATCH_SIZE = Histogram(
     "consumer_batch_size",
     "Deliveries per batch handled.",
     ["consumer"],
-    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
 
 Handler = Callable[[Reading], Awaitable[None]]

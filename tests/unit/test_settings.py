@@ -84,11 +84,11 @@ def test_a_burst_smaller_than_a_batch_is_refused() -> None:
 def test_a_billing_batch_larger_than_the_prefetch_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("BILLING_BATCH_SIZE", "3000")
+    monkeypatch.setenv("BILLING_BATCH_SIZE", "6000")
     with pytest.raises(SystemExit) as caught:
         load_settings(BillingSettings)
-    assert "BILLING_BATCH_SIZE (3000) must not exceed BILLING_PREFETCH (2000)" in str(
+    assert "BILLING_BATCH_SIZE (6000) must not exceed BILLING_PREFETCH (5000)" in str(
         caught.value.code
     )
-    monkeypatch.setenv("BILLING_PREFETCH", "4000")
-    assert load_settings(BillingSettings).batch_size == 3000
+    monkeypatch.setenv("BILLING_PREFETCH", "8000")
+    assert load_settings(BillingSettings).batch_size == 6000
