@@ -43,7 +43,7 @@ from billing_service.adapters.mongo import MongoLedger
 from billing_service.settings import BillingSettings
 from common.messages import CONTENT_TYPE, encode_reading
 from common.models import Reading, validate_reading
-from common.rabbit import ROUTING_KEY, Topology, declare_topology
+from common.rabbit import ROUTING_KEY, Topology, declare_topology, delete_topology
 from common.settings import load_settings
 from scripts.bench_stack import cpu_by_name, process_cpu
 
@@ -354,11 +354,7 @@ async def _clean(settings: BillingSettings, topology: Topology) -> None:
     await client.aclose()
     connection = await aio_pika.connect(settings.rabbitmq_url)
     async with connection:
-        channel = await connection.channel()
-        for queue in (topology.billing_queue, topology.analytics_queue, topology.dead_letter_queue):
-            await channel.queue_delete(queue)
-        for exchange in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
+        await delete_topology(await connection.channel(), topology)
 
 
 def _free_port() -> int:

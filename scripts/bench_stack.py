@@ -28,7 +28,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.healthcheck import check_grpc, check_http
-from common.rabbit import Topology
+from common.rabbit import Topology, delete_topology
 
 SERVICES = ("ingestion_service", "billing_service", "analytics_service", "api_gateway")
 # make dev's ports (the settings' defaults): where a running stack's pieces are found.
@@ -245,13 +245,7 @@ class BenchStack:
     async def _delete_topology(self) -> None:
         connection = await aio_pika.connect(self.rabbitmq_url, timeout=10)
         async with connection:
-            channel = await connection.channel()
-            topology = self.topology
-            for queue in (topology.billing_queue, topology.analytics_queue):
-                await channel.queue_delete(queue)
-            await channel.queue_delete(topology.dead_letter_queue)
-            for exchange in (topology.exchange, topology.dead_letter_exchange):
-                await channel.exchange_delete(exchange)
+            await delete_topology(await connection.channel(), self.topology)
 
     def purge(self) -> int:
         """Empty the bench's own billing and analytics queues (never a stack it did not start)

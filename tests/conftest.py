@@ -53,16 +53,11 @@ async def delete_topology(prefix: str) -> None:
     """Remove the exchanges and queues a test declared under its prefix."""
     import aio_pika
 
-    from common.rabbit import Topology
+    from common.rabbit import Topology, delete_topology
 
-    topology = Topology(prefix)
     connection = await aio_pika.connect(RABBITMQ_URL)
     async with connection:
-        channel = await connection.channel()
-        for queue in (topology.billing_queue, topology.analytics_queue, topology.dead_letter_queue):
-            await channel.queue_delete(queue)
-        for exchange in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
+        await delete_topology(await connection.channel(), Topology(prefix))
 
 
 async def queue_info(name: str) -> dict:
