@@ -258,13 +258,19 @@ UPDATES = [reading(m, device=f"meter-{d}", kwh=0.5) for d in range(6) for m in (
 CREATES = [reading(m, device=f"meter-{d}", kwh=0.5) for d in range(6, 12) for m in (2, 17)]
 
 
-async def test_a_mongodb_failure_mid_batch_acks_nothing_then_bills_once(prefix, apps) -> None:
+async def _warm_then_failing(prefix, apps) -> tuple[BillingApp, HalfWrites, dict[str, float]]:
+    """A billing that has billed WARM, and whose bucket writes now fail half way."""
     app = await apps.start()
     slots = half_writes(app)
     before = counters()
     await publish(prefix, [encode_reading(r) for r in WARM])
     await wait_until(lambda: _at_least(before, acked=len(WARM)), what="the first batch")
     slots.failing = True
+    return app, slots, before
+
+
+async def test_a_mongodb_failure_mid_batch_acks_nothing_then_bills_once(prefix, apps) -> None:
+    app, slots, before = await _warm_then_failing(prefix, apps)
     acked = counters()["acked"]
     await publish(prefix, [encode_reading(r) for r in UPDATES])
     await wait_until(lambda: _failed(slots, 4), what="four failed attempts")
@@ -291,12 +297,7 @@ async def test_a_mongodb_failure_mid_batch_acks_nothing_then_bills_once(prefix, 
 async def test_a_batch_half_written_when_billing_stops_is_redelivered_and_billed_once(
     prefix, apps
 ) -> None:
-    app = await apps.start()
-    slots = half_writes(app)
-    before = counters()
-    await publish(prefix, [encode_reading(r) for r in WARM])
-    await wait_until(lambda: _at_least(before, acked=len(WARM)), what="the first batch")
-    slots.failing = True
+    app, slots, before = await _warm_then_failing(prefix, apps)
     await publish(prefix, [encode_reading(r) for r in CREATES])
     await wait_until(lambda: _failed(slots, 2), what="two failed attempts")
     partial = await stored(app, expected(WARM + CREATES))
