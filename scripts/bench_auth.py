@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, ingestion_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
 from scripts.bench_import import CountingIngestion
+from scripts.bench_stack import free_port
 from scripts.simulate import percentile
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -42,14 +43,6 @@ VARIANTS = {
         "GATEWAY_DEVICE_BURST": "1000000",
     },
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def reading(device: str, index: int) -> gateway_pb2.SendReadingRequest:

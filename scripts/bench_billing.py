@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -45,25 +42,11 @@ from common.messages import CONTENT_TYPE, encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY, Topology, declare_topology, delete_topology
 from common.settings import load_settings
-from scripts.bench_stack import cpu_by_name, process_cpu
+from scripts.bench_stack import cpu_by_name, free_port, process_cpu
+from scripts.profile_services import py_spy, top_costs
 
 # py-spy's flag for each --profile-mode
 PROFILE_MODES = {"cpu": "--gil", "wall": "--idle"}
-# Frames at the bottom of every stack of a thread: no information in their share.
-_EVERYWHERE = {
-    "<module> (billing_service/__main__.py)",
-    "main (billing_service/__main__.py)",
-    "_run_code (<frozen runpy>)",
-    "_run_module_as_main (<frozen runpy>)",
-    "run (common/loop.py)",
-    "run (uvloop/__init__.py)",
-    "Runner.run (asyncio/runners.py)",
-    "Thread._bootstrap (threading.py)",
-    "Thread._bootstrap_inner (threading.py)",
-    "Thread.run (threading.py)",
-    "_worker (concurrent/futures/thread.py)",
-    "_WorkItem.run (concurrent/futures/thread.py)",
-}
 TOPOLOGY_PREFIX = "bench-billing."
 DATABASE = "bench_billing"
 REDIS_PREFIX = "bench-billing:"
@@ -164,13 +147,13 @@ async def _drain(
     profile_mode: str,
     timeout_s: float,
 ) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     env = {
         **os.environ,
         "TOPOLOGY_PREFIX": TOPOLOGY_PREFIX,
         "MONGODB_DATABASE": DATABASE,
         "REDIS_KEY_PREFIX": REDIS_PREFIX,
-        "BILLING_PORT": str(_free_port()),
+        "BILLING_PORT": str(free_port()),
         "BILLING_METRICS_PORT": str(metrics_port),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
     }
@@ -229,16 +212,9 @@ def _tail(path: str) -> str:
     return Path(path).read_text()[-3000:]
 
 
-def _py_spy() -> str:
-    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(binary).exists():
-        raise typer.BadParameter("py-spy is not installed: pip install py-spy")
-    return binary
-
-
 async def _start_py_spy(pid: int, output: Path, mode: str) -> asyncio.subprocess.Process:
     spy = await asyncio.create_subprocess_exec(
-        _py_spy(), "record", "--pid", str(pid), "--rate", "100", PROFILE_MODES[mode],
+        py_spy(), "record", "--pid", str(pid), "--rate", "100", PROFILE_MODES[mode],
         "--nonblocking", "--format", "raw", "--output", str(output),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -247,37 +223,15 @@ async def _start_py_spy(pid: int, output: Path, mode: str) -> asyncio.subprocess
 
 
 def _print_profile(path: Path, mode: str, top: int = 12) -> None:
-    """Top functions by samples: inclusive (anywhere on the stack, leaving out the frames
-    every sample of a thread has) and self (the leaf)."""
-    inclusive: Counter[str] = Counter()
-    leaf: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, samples = line.rpartition(" ")
-        if not stack or not samples.isdigit():
-            continue
-        frames = [_function(frame) for frame in stack.split(";")[1:]]  # [0] is the thread
-        total += int(samples)
-        for name in set(frames) - _EVERYWHERE:
-            inclusive[name] += int(samples)
-        if frames:
-            leaf[frames[-1]] += int(samples)
-    what = "holding the GIL" if mode == "cpu" else "of every thread, idle or not"
-    print(f"profile: {total} samples {what} (py-spy {PROFILE_MODES[mode]}, 100 Hz) in {path}")
-    for title, counts in (("inclusive", inclusive), ("self", leaf)):
+    """The top functions of the profile: where the samples land (self), and the project's
+    functions including what they call; shares of the samples not parked in a selector."""
+    leaves, project = top_costs(path.read_text(), count=top)
+    what = "holding the GIL" if mode == "cpu" else "of every thread, waiting ones too"
+    print(f"profile: samples {what} (py-spy {PROFILE_MODES[mode]}, 100 Hz) in {path}")
+    for title, costs in (("self", leaves), ("project, inclusive", project)):
         print(f"  top {top} {title}:")
-        for name, samples in counts.most_common(top):
-            print(f"    {100 * samples / max(total, 1):5.1f}%  {name}")
-
-
-def _function(frame: str) -> str:
-    """``name (path/to/module.py:123)`` without the line and the site-packages prefix."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
-        if marker in where:
-            where = where.split(marker, 1)[1]
-    return f"{name} ({where})"
+        for name, percent in costs:
+            print(f"    {percent:5.1f}%  {name}")
 
 
 async def _until(predicate, timeout_s: float, what: str, process) -> None:  # type: ignore[no-untyped-def]
@@ -355,12 +309,6 @@ async def _clean(settings: BillingSettings, topology: Topology) -> None:
     connection = await aio_pika.connect(settings.rabbitmq_url)
     async with connection:
         await delete_topology(await connection.channel(), topology)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 if __name__ == "__main__":

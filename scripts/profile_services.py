@@ -48,6 +48,14 @@ IDLE = re.compile(
 ENTRY = re.compile(r"^(<module>|main|run) \((\w+_service|api_gateway|common)/(__main__|loop)\.py")
 
 
+def py_spy() -> str:
+    """The py-spy binary: on PATH, or next to this Python (the venv's)."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(binary).exists():
+        raise typer.BadParameter("py-spy is not installed: pip install py-spy")
+    return binary
+
+
 def pid_listening_on(port: int) -> int | None:
     output = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True)
     found = re.search(r"pid=(\d+)", output.stdout)
@@ -77,7 +85,7 @@ def top_costs(raw: str, count: int = 5) -> tuple[list[tuple[str, float]], list[t
 
 
 async def profile(duration_s: float, rate: float, batch: int, target: str, out: Path) -> None:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    binary = py_spy()
     recorders = {}
     for service, port in SERVICES.items():
         pid = pid_listening_on(port)
@@ -85,7 +93,7 @@ async def profile(duration_s: float, rate: float, batch: int, target: str, out: 
             typer.echo(f"{service}: nothing listens on :{port}; start the services (make dev)")
             continue
         recorders[service] = await asyncio.create_subprocess_exec(
-            py_spy, "record", "--pid", str(pid), "--duration", str(int(duration_s)),
+            binary, "record", "--pid", str(pid), "--duration", str(int(duration_s)),
             "--rate", "200", "--format", "raw", "--nonblocking",
             "--output", str(out / f"{service}.txt"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,

@@ -41,13 +41,7 @@ from pymongo.errors import (
 )
 
 from billing_service.adapters.mongo_batch import add_to_buckets, store_readings
-from billing_service.domain.ledger import (
-    BatchRecorded,
-    Recorded,
-    SlotKey,
-    Total,
-    TransientFailure,
-)
+from billing_service.domain.ledger import BatchRecorded, SlotKey, Total, TransientFailure
 from common.models import Reading
 
 TRANSIENT_ERRORS = (
@@ -131,11 +125,6 @@ class MongoLedger:
             await self.device_slots.create_index([("device_id", ASCENDING), ("start", ASCENDING)])
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
-
-    async def record(self, reading: Reading) -> Recorded:
-        """Record one reading: a batch of one."""
-        recorded = await self.record_batch([reading])
-        return Recorded(recorded.totals[SlotKey.of(reading)], duplicate=not recorded.new)
 
     async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
         """Store the readings and add each to its slot bucket once, in a few round trips.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pymongo import UpdateOne
@@ -52,7 +53,7 @@ class _Plan:
     before: Total  # the bucket as read (zero when it did not exist)
     exists: bool
 
-    @property
+    @cached_property  # read for the insert or the update, and for the total after
     def added(self) -> Total:
         return Total(len(self.fresh), sum(reading.usage_milliwh for reading in self.fresh))
 

@@ -75,14 +75,6 @@ class Total:
 
 
 @dataclass(frozen=True)
-class Recorded:
-    """The outcome of recording a reading: its bucket after the write, and whether it was new."""
-
-    total: Total
-    duplicate: bool
-
-
-@dataclass(frozen=True)
 class BatchRecorded:
     """The outcome of recording a batch of readings.
 

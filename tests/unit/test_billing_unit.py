@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import mongomock.collection
@@ -45,9 +46,21 @@ def ledger() -> MongoLedger:
     return MongoLedger(AsyncMongoMockClient()["billing"])
 
 
+@dataclass(frozen=True)
+class Recorded:
+    total: Total  # the reading's bucket after the write
+    duplicate: bool
+
+
+async def record(ledger: MongoLedger, one: Reading) -> Recorded:
+    """Record one reading as a batch of one."""
+    recorded = await ledger.record_batch([one])
+    return Recorded(recorded.totals[SlotKey.of(one)], duplicate=not recorded.new)
+
+
 async def test_a_reading_recorded_three_times_counts_once(ledger: MongoLedger) -> None:
-    first = await ledger.record(reading(1))
-    again = [await ledger.record(reading(1)) for _ in range(2)]
+    first = await record(ledger, reading(1))
+    again = [await record(ledger, reading(1)) for _ in range(2)]
     assert first.duplicate is False and first.total == Total(1, 500_000)
     assert all(r.duplicate and r.total == Total(1, 500_000) for r in again)
     assert await ledger.readings.count_documents({}) == 1
@@ -56,18 +69,18 @@ async def test_a_reading_recorded_three_times_counts_once(ledger: MongoLedger) -
 async def test_totals_are_the_same_in_any_order(ledger: MongoLedger) -> None:
     readings = [reading(m, kwh=0.1 * m) for m in range(1, 11)]  # all in the 11:00 slot
     for r in reversed(readings):
-        await ledger.record(r)
+        await record(ledger, r)
     for r in readings[::3]:
-        await ledger.record(r)
+        await record(ledger, r)
     total = await ledger.slot_total(SlotKey.of(readings[0]))
     assert total == Total(10, sum(r.usage_milliwh for r in readings))
 
 
 async def test_slots_and_latest(ledger: MongoLedger) -> None:
-    await ledger.record(reading(5, 1.0, day=21))
-    await ledger.record(reading(7, 2.0, day=22))
-    await ledger.record(reading(6, 4.0, day=22))
-    await ledger.record(reading(6, 4.0, day=22))
+    await record(ledger, reading(5, 1.0, day=21))
+    await record(ledger, reading(7, 2.0, day=22))
+    await record(ledger, reading(6, 4.0, day=22))
+    await record(ledger, reading(6, 4.0, day=22))
     november = await ledger.slots(
         "meter-1", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
     )
