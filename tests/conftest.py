@@ -11,9 +11,12 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
+
+from billing_service.domain.ledger import SlotKey, Total
+from common.models import Reading
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBITMQ_MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -47,6 +50,15 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+def expected_totals(readings: Iterable[Reading]) -> dict[SlotKey, Total]:
+    """What billing must hold: each distinct reading id counted once in its slot."""
+    totals: dict[SlotKey, Total] = {}
+    for r in {r.reading_id: r for r in readings}.values():
+        key = SlotKey.of(r)
+        totals[key] = totals.get(key, Total()) + Total(1, r.usage_milliwh)
+    return totals
 
 
 async def delete_topology(prefix: str) -> None:

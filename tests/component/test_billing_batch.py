@@ -26,7 +26,7 @@ from common.messages import encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import REASON_HEADER, Topology, declare_topology
 from tests.component.test_billing import NOW, T, cleanup, publish, settings
-from tests.conftest import MONGODB_URL, RABBITMQ_URL, ready_count, wait_until
+from tests.conftest import MONGODB_URL, RABBITMQ_URL, expected_totals, ready_count, wait_until
 
 # A minute into a slot: minutes 0 to 13 fall in one slot, 15 to 28 in the next.
 BASE = slot_start(T) + timedelta(minutes=1)
@@ -34,14 +34,6 @@ BASE = slot_start(T) + timedelta(minutes=1)
 
 def reading(minutes: int, device: str = "meter-1", kwh: float = 0.25) -> Reading:
     return validate_reading(device, BASE + timedelta(minutes=minutes), kwh, now=NOW)
-
-
-def expected(readings: Iterable[Reading]) -> dict[SlotKey, Total]:
-    totals: dict[SlotKey, Total] = {}
-    for r in {r.reading_id: r for r in readings}.values():
-        key = SlotKey.of(r)
-        totals[key] = totals.get(key, Total()) + Total(1, r.usage_milliwh)
-    return totals
 
 
 def sample(name: str, **labels: str) -> float:
@@ -119,13 +111,13 @@ async def test_a_batch_with_repeats_inside_bills_each_reading_once(prefix, apps)
         "batched": 6,
         "retries": 0,
     }
-    assert await stored(app, expected([r1, r2, r3])) == expected([r1, r2, r3])
+    assert await stored(app, expected_totals([r1, r2, r3])) == expected_totals([r1, r2, r3])
     assert await app.ledger.readings.count_documents({}) == 3
     key = SlotKey.of(r1)
     bucket = await app.ledger.device_slots.find_one({"_id": key.bucket_id})
     assert bucket["reading_ids"] == [r1.reading_id, r2.reading_id]
     cached = await app.cache.month_slots("meter-1", key.month)
-    assert cached.slots == {k.start: t for k, t in expected([r1, r2, r3]).items()}
+    assert cached.slots == {k.start: t for k, t in expected_totals([r1, r2, r3]).items()}
     assert await app.cache.latest("meter-1") == r3
     await apps.stop(app)  # anything left unacked would be back in the queue now
     assert await ready_count(Topology(prefix).billing_queue) == 0
@@ -137,11 +129,11 @@ async def test_a_redelivered_batch_changes_no_total(prefix, apps) -> None:
     before = counters()
     await publish(prefix, [encode_reading(r) for r in batch])
     await wait_until(lambda: _at_least(before, acked=30), what="the batch acked")
-    first = await stored(app, expected(batch))
+    first = await stored(app, expected_totals(batch))
     await publish(prefix, [encode_reading(r) for r in reversed(batch)])
     await wait_until(lambda: _at_least(before, acked=60), what="the redelivery acked")
-    assert first == expected(batch)
-    assert await stored(app, expected(batch)) == expected(batch)
+    assert first == expected_totals(batch)
+    assert await stored(app, expected_totals(batch)) == expected_totals(batch)
     assert grown(before)["billed"] == 30 and grown(before)["duplicate"] == 30
 
 
@@ -155,8 +147,8 @@ async def test_a_batch_redelivered_after_a_crash_between_its_writes(prefix, apps
     redelivered = await app.ledger.record_batch(batch)
     assert len(redelivered.new) == len(batch) - len(batch) // 2
     assert redelivered.duplicates == len(batch) // 2
-    assert redelivered.totals == expected(batch)
-    assert await stored(app, expected(batch)) == expected(batch)
+    assert redelivered.totals == expected_totals(batch)
+    assert await stored(app, expected_totals(batch)) == expected_totals(batch)
     assert await app.ledger.readings.count_documents({}) == len(batch)
 
 
@@ -174,7 +166,7 @@ async def test_two_concurrent_batches_touching_the_same_slots(prefix, apps) -> N
         assert one.duplicates + two.duplicates == 50
         assert {r.reading_id for r in one.new} & {r.reading_id for r in two.new} == set()
     everything = [reading(o + m, device=f"meter-{m % 5}") for o in (-600, -300) for m in range(240)]
-    assert await stored(app, expected(everything)) == expected(everything)
+    assert await stored(app, expected_totals(everything)) == expected_totals(everything)
 
 
 async def test_poison_messages_inside_a_batch_do_not_hold_back_their_neighbours(
@@ -202,7 +194,7 @@ async def test_poison_messages_inside_a_batch_do_not_hold_back_their_neighbours(
         "batched": 5,
         "retries": 0,
     }
-    assert await stored(app, expected(goods)) == expected(goods)
+    assert await stored(app, expected_totals(goods)) == expected_totals(goods)
     topology = Topology(prefix)
     connection = await aio_pika.connect(RABBITMQ_URL)
     async with connection:
@@ -276,19 +268,21 @@ async def test_a_mongodb_failure_mid_batch_acks_nothing_then_bills_once(prefix, 
     await wait_until(lambda: _failed(slots, 4), what="four failed attempts")
     assert await ready_count(Topology(prefix).billing_queue) == 0, "not all delivered"
     assert counters()["acked"] == acked, "acked while MongoDB writes failed"
-    partial = await stored(app, expected(WARM + UPDATES))
-    assert partial not in (expected(WARM), expected(WARM + UPDATES)), "not half written"
+    partial = await stored(app, expected_totals(WARM + UPDATES))
+    assert partial not in (expected_totals(WARM), expected_totals(WARM + UPDATES)), (
+        "not half written"
+    )
     slots.failing = False
     everything = WARM + UPDATES
     await wait_until(lambda: _at_least(before, acked=len(everything)), what="the batch acked")
     assert grown(before)["retries"] >= 4
-    assert await stored(app, expected(everything)) == expected(everything)
+    assert await stored(app, expected_totals(everything)) == expected_totals(everything)
     assert await app.ledger.readings.count_documents({}) == len(everything)
 
     async def cache_agrees() -> bool:
         cached = await app.cache.month_slots("meter-0", SlotKey.of(WARM[0]).month)
         return cached.slots == {
-            k.start: t for k, t in expected(everything).items() if k.device_id == "meter-0"
+            k.start: t for k, t in expected_totals(everything).items() if k.device_id == "meter-0"
         }
 
     await wait_until(cache_agrees, what="Redis slots equal to MongoDB")
@@ -300,14 +294,16 @@ async def test_a_batch_half_written_when_billing_stops_is_redelivered_and_billed
     app, slots, before = await _warm_then_failing(prefix, apps)
     await publish(prefix, [encode_reading(r) for r in CREATES])
     await wait_until(lambda: _failed(slots, 2), what="two failed attempts")
-    partial = await stored(app, expected(WARM + CREATES))
-    assert partial not in (expected(WARM), expected(WARM + CREATES)), "not half written"
+    partial = await stored(app, expected_totals(WARM + CREATES))
+    assert partial not in (expected_totals(WARM), expected_totals(WARM + CREATES)), (
+        "not half written"
+    )
     await apps.stop(app)  # the grace (1 s) runs out: the batch goes back, unacked
     assert await ready_count(Topology(prefix).billing_queue) == len(CREATES)
     restarted = await apps.start()
     everything = WARM + CREATES
     await wait_until(lambda: _at_least(before, acked=len(everything)), what="the redelivery")
-    assert await stored(restarted, expected(everything)) == expected(everything)
+    assert await stored(restarted, expected_totals(everything)) == expected_totals(everything)
     assert await restarted.ledger.readings.count_documents({}) == len(everything)
 
 
@@ -336,8 +332,8 @@ async def test_the_batch_writes_cost_a_few_round_trips_whatever_its_size(prefix)
             ("device_slots.find", 200),
             *[("device_slots.bulk_write", 20)] * 10,
         ]
-        totals = {key: await ledger.slot_total(key) for key in expected(first + second)}
-        assert totals == expected(first + second)
+        totals = {key: await ledger.slot_total(key) for key in expected_totals(first + second)}
+        assert totals == expected_totals(first + second)
     finally:
         await ledger.database.client.drop_database(ledger.database.name)
         ledger.close()

@@ -19,7 +19,7 @@ from billing_service.adapters.mongo import MongoLedger
 from billing_service.consumer import BillingHandler
 from billing_service.domain.ledger import BatchRecorded, SlotKey, Total, TransientFailure
 from common.models import Reading, validate_reading
-from tests.conftest import wait_until
+from tests.conftest import expected_totals, wait_until
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -181,14 +181,6 @@ async def _has_entries(cache: MemoryCache) -> bool:
 # crash between the writes or a concurrent writer of the same buckets.
 
 
-def _expected(readings: Iterable[Reading]) -> dict[SlotKey, Total]:
-    totals: dict[SlotKey, Total] = {}
-    for r in {r.reading_id: r for r in readings}.values():
-        key = SlotKey.of(r)
-        totals[key] = totals.get(key, Total()) + Total(1, r.usage_milliwh)
-    return totals
-
-
 async def _stored(ledger: MongoLedger, keys: Iterable[SlotKey]) -> dict[SlotKey, Total]:
     return {key: await ledger.slot_total(key) for key in keys}
 
@@ -200,8 +192,8 @@ async def test_a_batch_with_repeats_inside_counts_each_reading_once(ledger: Mong
         r.reading_id for r in (reading(1), reading(2), reading(20))
     ]
     assert recorded.duplicates == 3
-    assert recorded.totals == _expected(batch)
-    assert await _stored(ledger, recorded.totals) == _expected(batch)
+    assert recorded.totals == expected_totals(batch)
+    assert await _stored(ledger, recorded.totals) == expected_totals(batch)
     assert await ledger.readings.count_documents({}) == 3
     bucket = await ledger.device_slots.find_one({"_id": SlotKey.of(reading(1)).bucket_id})
     assert bucket["reading_ids"] == [reading(1).reading_id, reading(2).reading_id]
@@ -214,8 +206,8 @@ async def test_a_redelivered_batch_changes_nothing(ledger: MongoLedger) -> None:
     again = await ledger.record_batch(list(reversed(batch)))
     assert len(first.new) == len(batch) and first.duplicates == 0
     assert again.new == [] and again.duplicates == len(batch)
-    assert again.totals == first.totals == _expected(batch)
-    assert await _stored(ledger, first.totals) == _expected(batch)
+    assert again.totals == first.totals == expected_totals(batch)
+    assert await _stored(ledger, first.totals) == expected_totals(batch)
 
 
 async def test_a_batch_redelivered_after_a_crash_between_its_writes(ledger: MongoLedger) -> None:
@@ -229,8 +221,8 @@ async def test_a_batch_redelivered_after_a_crash_between_its_writes(ledger: Mong
         r.reading_id for r in batch[len(batch) // 2 :]
     }
     assert redelivered.duplicates == len(batch) // 2
-    assert redelivered.totals == _expected(batch)
-    assert await _stored(ledger, redelivered.totals) == _expected(batch)
+    assert redelivered.totals == expected_totals(batch)
+    assert await _stored(ledger, redelivered.totals) == expected_totals(batch)
     assert await ledger.readings.count_documents({}) == len(batch)
 
 
@@ -242,7 +234,7 @@ async def test_concurrent_batches_sharing_buckets_add_each_reading_once(
     one, two = await asyncio.gather(ledger.record_batch(first), ledger.record_batch(second))
     assert len(one.new) + len(two.new) == len({r.reading_id for r in first + second})
     assert one.duplicates + two.duplicates == 20
-    assert await _stored(ledger, _expected(first + second)) == _expected(first + second)
+    assert await _stored(ledger, expected_totals(first + second)) == expected_totals(first + second)
 
 
 async def test_a_replica_whose_buckets_moved_since_it_read_them_plans_again(
@@ -275,8 +267,8 @@ async def test_a_replica_whose_buckets_moved_since_it_read_them_plans_again(
     recorded = await a.record_batch(first)
     assert reads_of_a == 2
     everything = [reading(1), reading(16), *first, *second]
-    assert await _stored(a, _expected(everything)) == _expected(everything)
-    assert recorded.totals == _expected(everything)
+    assert await _stored(a, expected_totals(everything)) == expected_totals(everything)
+    assert recorded.totals == expected_totals(everything)
     assert {r.reading_id for r in recorded.new} == {
         r.reading_id for r in (reading(2), reading(17), reading(31))
     }
