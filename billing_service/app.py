@@ -65,8 +65,12 @@ class BillingApp:
             batch_linger_s=settings.batch_linger_s,
         )
         self.grpc = GrpcServer([SERVICE_NAME])
-        queries = BillingQueries(self.ledger, self.cache, self.catalog, settings.max_usage_buckets)
-        billing_pb2_grpc.add_BillingServicer_to_server(BillingServicer(queries), self.grpc.server)
+        self.queries = BillingQueries(
+            self.ledger, self.cache, self.catalog, settings.max_usage_buckets
+        )
+        billing_pb2_grpc.add_BillingServicer_to_server(
+            BillingServicer(self.queries), self.grpc.server
+        )
         self._background: list[asyncio.Task[None]] = []
         self.port = 0
 
@@ -78,6 +82,7 @@ class BillingApp:
         ):
             with attempt:
                 await self.ledger.ensure_indexes()
+                await self.ledger.migrate_layout()
                 await self.catalog.refresh()
         await self.consumer.start()
         self._background = [

@@ -1,21 +1,22 @@
 """Billing a batch of readings: MongoDB first (retried until it succeeds), then Redis.
 
 The shared consumer acks a batch only after this returns, so an ack always follows a write
-that MongoDB acknowledged. Each batch costs a few MongoDB round trips and one Redis
-pipeline, however many readings it holds. Redis is a cache: when it is down, billing goes
-on and the affected snapshots are refreshed from MongoDB once Redis answers again.
+that MongoDB acknowledged. Each batch costs a few MongoDB writes and one Redis pipeline,
+however many readings it holds, and reads nothing back: Redis learns which slots changed
+(readers refresh them from MongoDB) and each device's latest reading. Redis is a cache:
+when it is down, billing goes on and marks the slots once Redis answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from billing_service.domain.ledger import Cache, Ledger, SlotKey, Total, TransientFailure
+from billing_service.domain.ledger import Cache, Ledger, SlotKey, TransientFailure
 from common.models import Reading
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,14 @@ class BillingHandler:
         unregistered = {device for device in devices if not self._is_registered(device)}
         if unregistered:
             UNREGISTERED.inc(sum(1 for r in recorded.new if r.device_id in unregistered))
-        await self._update_cache(recorded.totals, _latest_by_device(readings))
+        await self._update_cache(recorded.slots, _latest_by_device(readings))
 
-    async def _update_cache(self, totals: Mapping[SlotKey, Total], latest: list[Reading]) -> None:
+    async def _update_cache(self, slots: Collection[SlotKey], latest: list[Reading]) -> None:
         if self._stale:
             # Redis failed and the refresher has not caught up: don't make every batch
-            # wait out the retry; the refresher rewrites these buckets from MongoDB.
-            CACHE_DEFERRED.inc(len(totals))
-            self._stale.update(totals)
+            # wait out the retry; the refresher marks these slots once Redis answers.
+            CACHE_DEFERRED.inc(len(slots))
+            self._stale.update(slots)
             return
         try:
             async with asyncio.timeout(self._cache_retry_s):
@@ -93,28 +94,34 @@ class BillingHandler:
                     wait=wait_random_exponential(multiplier=0.1, max=1.0),
                 ):
                     with attempt:
-                        await self._cache.put_batch(totals, latest)
+                        await self._cache.mark_changed(slots, latest)
         except (TransientFailure, TimeoutError) as error:
             log.warning(
                 "Redis update deferred; MongoDB holds the readings",
-                extra={"slots": len(totals), "error": str(error)},
+                extra={"slots": len(slots), "error": str(error)},
             )
-            CACHE_DEFERRED.inc(len(totals))
-            self._stale.update(totals)
+            CACHE_DEFERRED.inc(len(slots))
+            self._stale.update(slots)
 
     async def refresh_stale(self, interval_s: float = 1.0) -> None:
-        """Forever: rewrite deferred Redis snapshots from MongoDB once Redis answers."""
+        """Forever: mark the deferred slots changed, with the latest readings from MongoDB,
+        once Redis answers."""
         while True:
             await asyncio.sleep(interval_s)
-            for key in list(self._stale):
+            for device_id, keys in _by_device(self._stale).items():
                 try:
-                    await self._cache.put_slot_total(key, await self._ledger.slot_total(key))
-                    latest = await self._ledger.latest(key.device_id)
-                    if latest is not None:
-                        await self._cache.put_latest(latest)
+                    latest = await self._ledger.latest(device_id)
+                    await self._cache.mark_changed(keys, [latest] if latest else [])
                 except TransientFailure:
                     break  # still down; try again next round
-                self._stale.discard(key)
+                self._stale.difference_update(keys)
+
+
+def _by_device(slots: Collection[SlotKey]) -> dict[str, list[SlotKey]]:
+    found: dict[str, list[SlotKey]] = {}
+    for key in list(slots):
+        found.setdefault(key.device_id, []).append(key)
+    return found
 
 
 def _latest_by_device(readings: Sequence[Reading]) -> list[Reading]:

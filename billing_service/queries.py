@@ -1,7 +1,8 @@
 """The read side: latest reading, bills, usage windows and pages of readings.
 
 Redis answers what is hot (latest reading, the current month's slots) when it holds a
-complete copy; otherwise MongoDB answers and the copy is refilled. With Redis down every
+complete copy; the slots billing changed since, and anything Redis lacks, MongoDB answers,
+and the copy is refreshed. With Redis down every
 query still answers, from MongoDB.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
-from billing_service.adapters.redis import RedisCache
+from billing_service.adapters.redis import MonthSlots, RedisCache
 from billing_service.domain import usage
 from billing_service.domain.bill import (
     AccountBill,
@@ -29,7 +30,7 @@ from billing_service.domain.bill import (
     compute_bill,
     period_of_month,
 )
-from billing_service.domain.ledger import TransientFailure
+from billing_service.domain.ledger import SlotKey, Total, TransientFailure
 from billing_service.domain.tariff import Catalog, Tariff, parse_catalog
 from billing_service.domain.usage import InvalidQuery, UsageBucket
 from common.models import ID_PATTERN, ID_RULE, Reading
@@ -200,28 +201,53 @@ class BillingQueries:
     async def _slot_energy(
         self, device_id: str, start: datetime, end: datetime
     ) -> dict[datetime, int]:
-        """Milliwatt-hours by slot start in [start, end): Redis when complete, else MongoDB."""
-        energy: dict[datetime, int] = {}
+        """Milliwatt-hours by slot start in [start, end)."""
+        totals = await self.slot_totals(device_id, start, end)
+        return {slot: total.usage_milliwh for slot, total in totals.items()}
+
+    async def slot_totals(
+        self, device_id: str, start: datetime, end: datetime
+    ) -> dict[datetime, Total]:
+        """The device's slot totals by start in [start, end): Redis, else MongoDB."""
+        totals: dict[datetime, Total] = {}
         for month_start, month_end in _utc_months(start, end):
-            month = month_start.strftime("%Y-%m")
-            slots = None
+            month = await self._month_totals(device_id, month_start, month_end)
+            totals.update({s: t for s, t in month.items() if start <= s < end})
+        return totals
+
+    async def _month_totals(
+        self, device_id: str, month_start: datetime, month_end: datetime
+    ) -> dict[datetime, Total]:
+        """A month Redis holds in full is read from it, except the slots billing changed
+        since, which MongoDB answers; any other month is read from MongoDB. What MongoDB
+        answered is put back into Redis."""
+        month = month_start.strftime("%Y-%m")
+        try:
+            cached: MonthSlots | None = await self._cache.month_slots(device_id, month)
+        except TransientFailure:
+            cached = None  # Redis down: MongoDB answers alone
+        if cached is not None and cached.current:
+            return cached.slots
+        if cached is not None and cached.complete:
+            changed = [SlotKey(device_id, start) for start in cached.changed]
+            read = {
+                key.start: row.total for key, row in (await self._ledger.slot_rows(changed)).items()
+            }
+            totals = {**cached.slots, **read}
+        else:
+            read = {
+                row.start: row.total
+                for row in await self._ledger.slots(device_id, month_start, month_end)
+            }
+            totals = read
+        if cached is not None:
             try:
-                cached = await self._cache.month_slots(device_id, month)
-                if cached.complete:
-                    slots = {s: t.usage_milliwh for s, t in cached.slots.items()}
+                await self._cache.refresh_month(
+                    device_id, month, read, cached.changed, complete=not cached.complete
+                )
             except TransientFailure:
-                pass
-            if slots is None:
-                rows = await self._ledger.slots(device_id, month_start, month_end)
-                slots = {row.start: row.total.usage_milliwh for row in rows}
-                try:
-                    await self._cache.fill_month(
-                        device_id, month, {row.start: row.total for row in rows}
-                    )
-                except TransientFailure:
-                    pass
-            energy.update({s: e for s, e in slots.items() if start <= s < end})
-        return energy
+                pass  # Redis went away: MongoDB answered, the cache refills later
+        return totals
 
 
 def check_id(name: str, value: str) -> None:

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Install (when missing) and start on localhost what development and tests need,
 # on a Debian machine without Docker: RabbitMQ (management + prometheus plugins),
-# Redis, FerretDB 1.24 (SQLite backend, MongoDB wire protocol), grpcurl, Prometheus with
-# promtool, and redis_exporter.
+# Redis, SecantusDB (a MongoDB-wire server on WiredTiger, in a virtual environment of its
+# own, data kept across restarts), grpcurl, Prometheus with promtool, and redis_exporter.
 # Idempotent: a server that already answers is left alone, so a second run is fast.
 set -euo pipefail
 
 STATE_DIR=${ENERGY_STATE_DIR:-$HOME/.local/state/energy-platform}
 GOBIN=${GOBIN:-$(go env GOPATH 2>/dev/null || echo "$HOME/go")/bin}
-FERRETDB_VERSION=v1.24.2
 GRPCURL_VERSION=v1.9.3
 REDIS_EXPORTER_VERSION=v1.74.0
 PROMETHEUS_PORT=${ENERGY_PROMETHEUS_PORT:-9090}
@@ -16,7 +15,8 @@ REDIS_EXPORTER_PORT=9121
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RABBITMQ_PORT=5672
 REDIS_PORT=${ENERGY_REDIS_PORT:-6379}
-FERRETDB_PORT=${ENERGY_FERRETDB_PORT:-27017}
+MONGODB_PORT=${ENERGY_MONGODB_PORT:-27017}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 mkdir -p "$STATE_DIR"
 
 log() { printf '[services] %s\n' "$*"; }
@@ -53,9 +53,14 @@ go_build_tool() {  # go_build_tool MODULE VERSION PACKAGE BINARY
   (cd "$src" && go build -o "$GOBIN/$4" "./$3")
   rm -rf "$src"
 }
-if ! command -v ferretdb >/dev/null 2>&1; then
-  log "building ferretdb $FERRETDB_VERSION (takes a few minutes, once)"
-  go_build_tool github.com/FerretDB/FerretDB "$FERRETDB_VERSION" cmd/ferretdb ferretdb
+SECANTUS_VENV=$STATE_DIR/secantusdb-venv
+SECANTUS_REQUIREMENTS=$ROOT/deployments/secantusdb/requirements.txt
+if ! cmp -s "$SECANTUS_REQUIREMENTS" "$SECANTUS_VENV/requirements.txt"; then
+  log "installing SecantusDB into $SECANTUS_VENV ($(grep -m1 -i '^secantusdb==' "$SECANTUS_REQUIREMENTS"))"
+  rm -rf "$SECANTUS_VENV"
+  "$PYTHON" -m venv "$SECANTUS_VENV"
+  "$SECANTUS_VENV/bin/pip" install -q --disable-pip-version-check -r "$SECANTUS_REQUIREMENTS"
+  cp "$SECANTUS_REQUIREMENTS" "$SECANTUS_VENV/requirements.txt"
 fi
 if ! command -v redis_exporter >/dev/null 2>&1; then
   log "building redis_exporter $REDIS_EXPORTER_VERSION"
@@ -88,13 +93,19 @@ if ! port_open "$REDIS_PORT"; then
   wait_port "$REDIS_PORT" redis 30
 fi
 
-if ! port_open "$FERRETDB_PORT"; then
-  log "starting ferretdb on $FERRETDB_PORT (sqlite in $STATE_DIR/ferretdb)"
-  mkdir -p "$STATE_DIR/ferretdb"
-  nohup ferretdb --handler=sqlite --sqlite-url="file:$STATE_DIR/ferretdb/" \
-    --listen-addr="127.0.0.1:$FERRETDB_PORT" --debug-addr=- --telemetry=disable \
-    --log-level=warn >"$STATE_DIR/ferretdb.log" 2>&1 &
-  wait_port "$FERRETDB_PORT" ferretdb 60
+if ! port_open "$MONGODB_PORT"; then
+  log "starting SecantusDB on $MONGODB_PORT (data in $STATE_DIR/secantusdb, kept across restarts)"
+  mkdir -p "$STATE_DIR/secantusdb"
+  # --standalone: drivers see one plain server, like the mongo:7 of docker compose.
+  nohup "$SECANTUS_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$MONGODB_PORT" --standalone \
+    --storage-path "$STATE_DIR/secantusdb" --log-level WARNING \
+    >"$STATE_DIR/secantusdb.log" 2>&1 &
+  echo $! >"$STATE_DIR/secantusdb.pid"
+  wait_port "$MONGODB_PORT" secantusdb 60
+  "$SECANTUS_VENV/bin/python" - "$MONGODB_PORT" <<'PING'
+import sys, pymongo
+pymongo.MongoClient(port=int(sys.argv[1]), serverSelectionTimeoutMS=30000).admin.command("ping")
+PING
 fi
 
 if ! port_open "$REDIS_EXPORTER_PORT"; then
@@ -118,7 +129,7 @@ cat <<INFO
   RabbitMQ UI        http://127.0.0.1:15672/  (guest / guest)
   RabbitMQ metrics   http://127.0.0.1:15692/metrics
   Redis              redis://127.0.0.1:$REDIS_PORT/0
-  FerretDB (MongoDB) mongodb://127.0.0.1:$FERRETDB_PORT/
+  SecantusDB (MongoDB) mongodb://127.0.0.1:$MONGODB_PORT/  (log $STATE_DIR/secantusdb.log)
   Prometheus         http://127.0.0.1:$PROMETHEUS_PORT/  (promtool $(command -v promtool))
   redis_exporter     http://127.0.0.1:$REDIS_EXPORTER_PORT/metrics
   grpcurl            $(command -v grpcurl)

@@ -12,13 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from billing_service.domain.ledger import (
-    BatchRecorded,
-    Ledger,
-    SlotKey,
-    Total,
-    TransientFailure,
-)
+from billing_service.domain.ledger import BatchRecorded, Ledger, TransientFailure
 from common.models import Reading
 
 
@@ -34,9 +28,6 @@ class FaultyLedger:
             kind = self._control_file.read_text().strip() or "timeout"
             raise TransientFailure(f"MongoDB: injected {kind} (fault file {self._control_file})")
         return await self._inner.record_batch(readings)
-
-    async def slot_total(self, key: SlotKey) -> Total:
-        return await self._inner.slot_total(key)
 
     async def latest(self, device_id: str) -> Reading | None:
         return await self._inner.latest(device_id)

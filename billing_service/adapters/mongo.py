@@ -1,30 +1,21 @@
 """MongoDB, the source of truth, through motor. The only module that imports motor.
 
-Idempotency without transactions (FerretDB and standalone MongoDB have none):
-1. ``readings``: one document per reading, ``_id`` = reading_id; a repeat is a duplicate key.
-2. ``device_slots``: one bucket per device and 15-minute slot with the ids it holds and their
-   ``count``. A batch reads its buckets, then adds to each the readings it lacks with one
-   update conditional on the ``count`` it read (``count`` grows with every id added, so an
-   unchanged count means unchanged ids): no total is counted twice, and an update that
-   finds the bucket moved adds nothing and is planned again from a fresh read. A new
-   bucket is inserted, so a concurrent creator shows up as a duplicate key. (The batch
-   writes are in ``mongo_batch``.)
+Idempotency without transactions or locks (standalone MongoDB and the local servers have
+no transactions), by ``_id``-keyed writes that are the same however often they repeat:
+1. ``device_slots``: one document per device and 15-minute slot, mapping the ids of the
+   readings it holds to their energy; a reading is added with ``$set`` of its key in an
+   upsert, so a repeat changes nothing. Totals are derived from the map when read.
+2. ``readings``: one document per reading, ``_id`` = reading_id; a repeat is a duplicate key.
 Each write is idempotent on its own, so a crash between or during them is healed by the
-redelivery: the readings already stored are duplicate keys, the ids already in a bucket are
-left out of its update.
-
-Writes to one bucket are serialised inside the process. MongoDB applies a single-document
-update atomically, but FerretDB 1.24 (SQLite), the test server, does not: 50 concurrent
-``$inc`` on one document left 11. Several billing replicas therefore need real MongoDB.
+redelivery, and any number of billing processes may write the same slot at once. (The
+batch writes are in ``mongo_batch``.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import weakref
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ParamSpec, TypeVar
@@ -40,9 +31,19 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
-from billing_service.adapters.mongo_batch import add_to_buckets, store_readings
+from billing_service.adapters.mongo_batch import (
+    ENERGY_MAP,
+    SlotRow,
+    read_slots,
+    reading_key,
+    set_in_slots,
+    slot_row,
+    store_readings,
+)
 from billing_service.domain.ledger import BatchRecorded, SlotKey, Total, TransientFailure
 from common.models import Reading
+
+log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (
     AutoReconnect,
@@ -52,16 +53,6 @@ TRANSIENT_ERRORS = (
     ServerSelectionTimeoutError,
     WriteConcernError,
 )
-
-
-@dataclass(frozen=True)
-class SlotRow:
-    """One stored slot: its energy and the smallest and largest reading in it."""
-
-    start: datetime
-    total: Total
-    min_milliwh: int
-    max_milliwh: int
 
 
 def _utc(value: datetime) -> datetime:
@@ -100,21 +91,25 @@ class MongoLedger:
 
     def __init__(self, database: AsyncIOMotorDatabase) -> None:
         self.database = database
-        self._bucket_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
         self.readings = database["readings"]
         self.device_slots = database["device_slots"]
 
     @classmethod
     def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
-        """A ledger on its own client, with ``timeout_s`` on selection, connect and socket."""
+        """A ledger on its own client, with ``timeout_s`` on selection, connect and socket.
+
+        Writes are acknowledged only once journaled (``j: true``): billing acks a reading
+        after MongoDB acknowledged it, and an acknowledgement must survive a crash of the
+        server (without it, the local server lost the last writes to a SIGKILL). Add
+        ``w=majority`` to the URL on a replica set.
+        """
         timeout_ms = int(timeout_s * 1000)
         client: AsyncIOMotorClient = AsyncIOMotorClient(
             url,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=timeout_ms,
+            journal=True,
             tz_aware=True,
         )
         return cls(client[database])
@@ -127,58 +122,89 @@ class MongoLedger:
             raise TransientFailure(f"MongoDB: {error}") from error
 
     async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
-        """Store the readings and add each to its slot bucket once, in a few round trips.
+        """Set each reading in its slot, then store the raw readings: a few round trips.
 
-        The ``readings`` documents go in one unordered insert; the buckets are read in one
-        query and written in unordered bulk writes of 20 (new buckets in one insert): a few
-        round trips, one after the other, however large the batch. Each bucket's write is
-        conditional on the ``count`` it was read at, so it adds exactly the readings the
-        bucket did not hold then, or nothing.
+        Nothing is read first and nothing is locked: both writes are idempotent, so a
+        repeat, a redelivery or another billing process writing the same slots at the same
+        time changes no total. The insert's duplicate keys say which readings are new.
         """
         groups: dict[SlotKey, list[Reading]] = {}
         for reading in readings:
             groups.setdefault(SlotKey.of(reading), []).append(reading)
-        # Always in the same order, so two batches sharing buckets cannot deadlock.
-        locks = [
-            self._bucket_locks.setdefault(bucket_id, asyncio.Lock())
-            for bucket_id in sorted(key.bucket_id for key in groups)
-        ]
         try:
-            async with contextlib.AsyncExitStack() as held:
-                for lock in locks:
-                    await held.enter_async_context(lock)
-                await store_readings(self.readings, readings)
-                return await add_to_buckets(self.device_slots, groups)
+            await set_in_slots(self.device_slots, groups)
+            stored_before = await store_readings(self.readings, readings)
         except TRANSIENT_ERRORS as error:
             raise TransientFailure(f"MongoDB: {error}") from error
+        new, seen = [], set(stored_before)
+        for reading in readings:
+            if reading.reading_id not in seen:
+                seen.add(reading.reading_id)
+                new.append(reading)
+        return BatchRecorded(frozenset(groups), new, len(readings) - len(new))
 
     @_transient
     async def slot_total(self, key: SlotKey) -> Total:
-        document = await self.device_slots.find_one(
-            {"_id": key.bucket_id}, projection={"count": 1, "usage_milliwh": 1}
-        )
-        if document is None:
-            return Total()
-        return Total(count=document["count"], usage_milliwh=document["usage_milliwh"])
+        row = (await read_slots(self.device_slots, [key])).get(key)
+        return Total() if row is None else row.total
+
+    @_transient
+    async def slot_rows(self, keys: Iterable[SlotKey]) -> dict[SlotKey, SlotRow]:
+        """The given slots' totals, in one query (a slot without readings is absent)."""
+        return await read_slots(self.device_slots, keys)
+
+    async def migrate_layout(self) -> int:
+        """Rewrite slots of the earlier layout (``reading_ids`` and counters) as maps.
+
+        Each slot's map is built from the ``readings`` documents of its ids and written in
+        one update that also drops the old fields, so running it twice, or in two
+        processes, gives the same result. Returns the number of slots rewritten.
+        """
+        migrated = 0
+        try:
+            async for slot in self.device_slots.find({"reading_ids": {"$exists": True}}):
+                energy = {}
+                async for document in self.readings.find(
+                    {"_id": {"$in": slot["reading_ids"]}}, projection={"usage_milliwh": 1}
+                ):
+                    energy[reading_key(document["_id"])] = document["usage_milliwh"]
+                if len(energy) != len(slot["reading_ids"]):
+                    raise RuntimeError(
+                        f"slot {slot['_id']} names {len(slot['reading_ids'])} readings but "
+                        f"{len(energy)} are stored; restore the readings collection first"
+                    )
+                await self.device_slots.update_one(
+                    {"_id": slot["_id"], "reading_ids": {"$exists": True}},
+                    {
+                        "$set": {f"{ENERGY_MAP}.{key}": mwh for key, mwh in energy.items()},
+                        "$unset": {
+                            "reading_ids": "",
+                            "count": "",
+                            "usage_milliwh": "",
+                            "min_milliwh": "",
+                            "max_milliwh": "",
+                        },
+                    },
+                )
+                migrated += 1
+        except TRANSIENT_ERRORS as error:
+            raise TransientFailure(f"MongoDB: {error}") from error
+        if migrated:
+            log.info("slots rewritten in the map layout", extra={"slots": migrated})
+        return migrated
 
     @_transient
     async def slots(self, device_id: str, start: datetime, end: datetime) -> list[SlotRow]:
         """The device's slots whose start lies in [start, end), in time order."""
-        rows = []
-        async for bucket in self.device_slots.find(
-            {"device_id": device_id, "start": {"$gte": start, "$lt": end}},
-            projection={"reading_ids": 0},
-            sort=[("start", ASCENDING)],
-        ):
-            rows.append(
-                SlotRow(
-                    start=_utc(bucket["start"]),
-                    total=Total(bucket["count"], bucket["usage_milliwh"]),
-                    min_milliwh=bucket["min_milliwh"],
-                    max_milliwh=bucket["max_milliwh"],
-                )
+        return [
+            slot_row(_utc(slot["start"]), slot[ENERGY_MAP])
+            async for slot in self.device_slots.find(
+                {"device_id": device_id, "start": {"$gte": start, "$lt": end}},
+                projection={"start": 1, ENERGY_MAP: 1},
+                sort=[("start", ASCENDING)],
             )
-        return rows
+            if slot.get(ENERGY_MAP)
+        ]
 
     @_transient
     async def readings_ending_in(

@@ -4,9 +4,15 @@ Every value is a snapshot of MongoDB state, written only if it is newer than wha
 holds (compared inside Redis by a script), so redeliveries, concurrent handlers and
 out-of-order readings cannot make it go backwards or count twice.
 
+Billing writes no slot totals (it never reads MongoDB back); it marks the slots it changed,
+and readers refresh those from MongoDB. A mark is a version that every change increments; a
+reader clears it only if it is still the version seen before reading MongoDB, so a change
+that lands while a reader works stays marked.
+
 Keys (``prefix`` defaults to ``energy:``):
-- ``{prefix}mtd:{device_id}:{YYYY-MM}``  hash  slot ``DDHHMM`` (UTC) → ``count:milliwh``
-- ``{prefix}latest:{device_id}``         hash  reading_id, timestamp, usage_kwh, ts_us
+- ``{prefix}mtd:{device_id}:{YYYY-MM}``      hash  slot ``DDHHMM`` (UTC) → ``count:milliwh``
+- ``{prefix}changed:{device_id}:{YYYY-MM}``  hash  slot ``DDHHMM`` → version of its last change
+- ``{prefix}latest:{device_id}``             hash  reading_id, timestamp, usage_kwh, ts_us
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+CLEAR_CHANGE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
 PUT_LATEST = """
 local ts = redis.call('HGET', KEYS[1], 'ts_us')
 if ts then
@@ -54,8 +66,20 @@ return 1
 
 @dataclass(frozen=True)
 class MonthSlots:
+    """A month as cached: slot totals, whether they are a full copy, and the changed slots.
+
+    ``changed`` maps the start of each slot changed since it was cached to the version of
+    its mark; pass it back to ``refresh_month`` after reading those slots from MongoDB.
+    """
+
     slots: dict[datetime, Total]
     complete: bool
+    changed: dict[datetime, str]
+
+    @property
+    def current(self) -> bool:
+        """A full copy with no slot behind MongoDB: the cache alone answers."""
+        return self.complete and not self.changed
 
 
 class RedisCache:
@@ -68,35 +92,29 @@ class RedisCache:
         self._prefix = prefix
         self._put_slot_total = self._redis.register_script(PUT_SLOT_TOTAL)
         self._put_latest = self._redis.register_script(PUT_LATEST)
+        self._clear_change = self._redis.register_script(CLEAR_CHANGE)
 
     def month_key(self, device_id: str, month: str) -> str:
         return f"{self._prefix}mtd:{device_id}:{month}"
 
+    def changed_key(self, device_id: str, month: str) -> str:
+        return f"{self._prefix}changed:{device_id}:{month}"
+
     def latest_key(self, device_id: str) -> str:
         return f"{self._prefix}latest:{device_id}"
-
-    async def put_slot_total(self, key: SlotKey, total: Total) -> None:
-        await self._call(
-            self._put_slot_total(
-                keys=[self.month_key(key.device_id, key.month)],
-                args=[key.field, total.count, total.usage_milliwh, MONTH_TTL_S],
-            )
-        )
 
     async def put_latest(self, reading: Reading) -> None:
         await self._call(
             self._put_latest(keys=[self.latest_key(reading.device_id)], args=_latest_args(reading))
         )
 
-    async def put_batch(self, totals: Mapping[SlotKey, Total], latest: Iterable[Reading]) -> None:
-        """A batch's slot totals and latest readings in one pipeline, each compare-newer."""
+    async def mark_changed(self, slots: Iterable[SlotKey], latest: Iterable[Reading]) -> None:
+        """Mark the slots behind MongoDB and keep each latest reading, in one pipeline."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, total in totals.items():
-                await self._put_slot_total(
-                    keys=[self.month_key(key.device_id, key.month)],
-                    args=[key.field, total.count, total.usage_milliwh, MONTH_TTL_S],
-                    client=pipe,
-                )
+            for key in slots:
+                changed = self.changed_key(key.device_id, key.month)
+                pipe.hincrby(changed, key.field, 1)
+                pipe.expire(changed, MONTH_TTL_S)
             for reading in latest:
                 await self._put_latest(
                     keys=[self.latest_key(reading.device_id)],
@@ -106,34 +124,48 @@ class RedisCache:
             await self._call(pipe.execute())
 
     async def month_slots(self, device_id: str, month: str) -> MonthSlots:
-        """The slot totals cached for a UTC month (YYYY-MM), and whether they are complete.
+        """The slot totals cached for a UTC month (YYYY-MM), and which changed since.
 
-        Consumers add slots as readings arrive, so a hash may hold only part of a month
-        (after a flush, say). Only ``fill_month``, which copies MongoDB, marks it complete.
+        Only ``refresh_month`` with ``complete`` (a copy of all of MongoDB's month) marks a
+        month complete; its changed slots must still be read from MongoDB.
         """
-        fields = await self._call(self._redis.hgetall(self.month_key(device_id, month)))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.month_key(device_id, month))
+            pipe.hgetall(self.changed_key(device_id, month))
+            fields, changed = await self._call(pipe.execute())
         complete = fields.pop(COMPLETE, None) is not None
-        year, month_number = int(month[:4]), int(month[5:7])
         slots = {}
         for field, value in fields.items():
             count, milliwh = value.split(":")
-            day, hour, minute = int(field[:2]), int(field[2:4]), int(field[4:6])
-            start = datetime(year, month_number, day, hour, minute, tzinfo=UTC)
-            slots[start] = Total(int(count), int(milliwh))
-        return MonthSlots(slots, complete)
+            slots[_slot_start(month, field)] = Total(int(count), int(milliwh))
+        return MonthSlots(slots, complete, {_slot_start(month, f): v for f, v in changed.items()})
 
-    async def fill_month(self, device_id: str, month: str, slots: dict[datetime, Total]) -> None:
-        """Copy a month's slots from MongoDB and mark the hash complete (newer values stay)."""
-        key = self.month_key(device_id, month)
+    async def refresh_month(
+        self,
+        device_id: str,
+        month: str,
+        totals: Mapping[datetime, Total],
+        seen_changes: Mapping[datetime, str],
+        complete: bool,
+    ) -> None:
+        """Store totals read from MongoDB; clear the marks it read past; maybe mark complete.
+
+        ``seen_changes`` must have been read (``month_slots``) before MongoDB was.
+        """
+        key, changed = self.month_key(device_id, month), self.changed_key(device_id, month)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for start, total in slots.items():
+            for start, total in totals.items():
                 await self._put_slot_total(
                     keys=[key],
-                    args=[start.strftime("%d%H%M"), total.count, total.usage_milliwh, MONTH_TTL_S],
+                    args=[_field(start), total.count, total.usage_milliwh, MONTH_TTL_S],
                     client=pipe,
                 )
-            pipe.hset(key, COMPLETE, "1")
-            pipe.expire(key, MONTH_TTL_S)
+            for start, version in seen_changes.items():
+                await self._clear_change(keys=[changed], args=[_field(start), version], client=pipe)
+            if complete:
+                pipe.hset(key, COMPLETE, "1")
+                pipe.expire(key, MONTH_TTL_S)
+            pipe.expire(changed, MONTH_TTL_S)  # a mark must outlive the totals it overrides
             await self._call(pipe.execute())
 
     async def latest(self, device_id: str) -> Reading | None:
@@ -174,6 +206,16 @@ class RedisCache:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _field(start: datetime) -> str:
+    return start.strftime("%d%H%M")
+
+
+def _slot_start(month: str, field: str) -> datetime:
+    year, month_number = int(month[:4]), int(month[5:7])
+    day, hour, minute = int(field[:2]), int(field[2:4]), int(field[4:6])
+    return datetime(year, month_number, day, hour, minute, tzinfo=UTC)
 
 
 def _latest_args(reading: Reading) -> list[object]:

@@ -6,14 +6,15 @@ energy used before 07:00. Slots are 15 minutes of UTC; every time zone offset an
 time-of-use band boundary is a multiple of 15 minutes, so each slot lies in exactly one
 band and one local billing month, whatever the tariff.
 
-Each (device, slot) bucket records the reading ids it holds, so adding readings to it is
-one atomic conditional update that never adds an id twice. Energy is kept as integer
-milliwatt-hours so totals are exact and the same in any order.
+Each (device, slot) bucket maps the reading ids it holds to their energy, so adding a
+reading sets one key: a repeat sets the same value and adds nothing, whatever the order or
+the number of writers. Energy is kept as integer milliwatt-hours so totals are exact and
+the same in any order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -78,13 +79,13 @@ class Total:
 class BatchRecorded:
     """The outcome of recording a batch of readings.
 
-    ``totals``: every slot the batch touched, after the writes (also the slots where every
-    reading was a duplicate, so a redelivery heals a cache that missed the first write).
-    ``new``: the readings billed now, each once. ``duplicates``: the other readings of the
-    batch, already billed before or repeated within it.
+    ``slots``: every slot the batch touched (also those where every reading was a
+    duplicate, so a redelivery heals a cache that missed the first write). ``new``: the
+    readings billed now, each once. ``duplicates``: the other readings of the batch,
+    already billed before or repeated within it.
     """
 
-    totals: dict[SlotKey, Total]
+    slots: frozenset[SlotKey]
     new: list[Reading]
     duplicates: int
 
@@ -96,18 +97,15 @@ class Ledger(Protocol):
         """Store each reading once, whatever the batch repeats or earlier batches held."""
         ...
 
-    async def slot_total(self, key: SlotKey) -> Total: ...
-
     async def latest(self, device_id: str) -> Reading | None: ...
 
 
 class Cache(Protocol):
     """The derivable copy (Redis)."""
 
-    async def put_slot_total(self, key: SlotKey, total: Total) -> None: ...
-
     async def put_latest(self, reading: Reading) -> None: ...
 
-    async def put_batch(self, totals: Mapping[SlotKey, Total], latest: Iterable[Reading]) -> None:
-        """A batch's slot totals and each device's latest reading, in one round trip."""
+    async def mark_changed(self, slots: Iterable[SlotKey], latest: Iterable[Reading]) -> None:
+        """Slots whose cached totals are now behind MongoDB (readers refresh them), and
+        each device's latest reading, in one round trip."""
         ...

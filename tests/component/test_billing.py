@@ -1,10 +1,8 @@
-"""billing_service against the real RabbitMQ, Redis and FerretDB (MongoDB wire protocol)."""
+"""billing_service against the real RabbitMQ, Redis and the local MongoDB-wire server."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,10 +24,11 @@ from tests.conftest import (
     RABBITMQ_URL,
     REDIS_URL,
     delete_topology,
-    free_port,
+    expected_totals,
     ready_count,
     wait_until,
 )
+from tests.mongo_server import LocalMongo
 
 NOW = datetime.now(UTC)
 T = NOW.replace(microsecond=0) - timedelta(hours=1)
@@ -103,7 +102,7 @@ async def test_the_same_reading_delivered_three_times_is_counted_once(billing, p
     key = SlotKey.of(r)
     assert await billing.ledger.slot_total(key) == Total(1, 1_250_000)
     cached = await billing.cache.month_slots("meter-1", key.month)
-    assert cached.slots == {key.start: Total(1, 1_250_000)}
+    assert (cached.slots, set(cached.changed)) == ({}, {key.start}), "marked, nothing read back"
     assert await billing.cache.latest("meter-1") == r
     assert await ready_count(Topology(prefix).billing_queue) == 0
 
@@ -131,15 +130,14 @@ async def test_redis_slots_equal_mongodb_in_any_order(billing, prefix) -> None:
         expected[key.start] = expected.get(key.start, Total()) + Total(1, r.usage_milliwh)
     rows = await billing.ledger.slots("meter-1", start, end)
     assert {row.start: row.total for row in rows} == expected
-    months = {SlotKey.of(r).month for r in readings}
-
-    async def redis_matches() -> bool:
-        cached: dict = {}
-        for month in months:
-            cached |= (await billing.cache.month_slots("meter-1", month)).slots
-        return cached == expected
-
-    await wait_until(redis_matches, what="Redis slots equal to MongoDB")
+    # Billing marks the slots it changed; the first read copies MongoDB into Redis.
+    assert await billing.queries.slot_totals("meter-1", start, end) == expected
+    cached: dict = {}
+    for month in {SlotKey.of(r).month for r in readings}:
+        month_slots = await billing.cache.month_slots("meter-1", month)
+        assert month_slots.current
+        cached |= month_slots.slots
+    assert cached == expected
     assert await billing.cache.latest("meter-1") == readings[-1]
 
 
@@ -174,63 +172,21 @@ async def test_a_poison_message_goes_to_the_dead_letter_queue_with_its_reason(
     await wait_until(good_billed, what="the good neighbour billed")
 
 
-class FerretDB:
-    """A private FerretDB process the test can stop and start (the shared one stays up)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.binary = shutil.which("ferretdb") or os.path.expanduser("~/go/bin/ferretdb")
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/"
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *[
-                self.binary,
-                "--handler=sqlite",
-                f"--sqlite-url=file:{self.data_dir}/",
-                f"--listen-addr=127.0.0.1:{self.port}",
-                "--debug-addr=-",
-                "--telemetry=disable",
-                "--log-level=error",
-            ],
-        )
-
-        async def listening() -> bool:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                return False
-            writer.close()
-            return True
-
-        await wait_until(listening, timeout_s=30, what="private FerretDB listening")
-
-    async def stop(self) -> None:
-        assert self.process is not None
-        self.process.terminate()
-        await asyncio.wait_for(self.process.wait(), timeout=10)
-
-
 @pytest.fixture
-async def ferretdb(tmp_path: Path) -> AsyncIterator[FerretDB]:
-    server = FerretDB(tmp_path)
+async def mongo(tmp_path: Path) -> AsyncIterator[LocalMongo]:
+    server = LocalMongo(tmp_path)
     yield server
-    if server.process is not None and server.process.returncode is None:
+    if server.running:
         await server.stop()
 
 
 async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeeds(
-    prefix: str, ferretdb: FerretDB
+    prefix: str, mongo: LocalMongo
 ) -> None:
-    await ferretdb.start()
-    app = BillingApp(settings(prefix, mongodb_url=ferretdb.url))
+    await mongo.start()
+    app = BillingApp(settings(prefix, mongodb_url=mongo.url))
     await app.start()
-    await ferretdb.stop()
+    await mongo.stop()
     retries_before = REGISTRY.get_sample_value("billing_store_retries_total") or 0
     r = reading(kwh=3.5)
     await publish(prefix, [encode_reading(r)])
@@ -244,8 +200,8 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
     await app.stop()
     assert await ready_count(Topology(prefix).billing_queue) == 1
 
-    await ferretdb.start()
-    app = BillingApp(settings(prefix, mongodb_url=ferretdb.url))
+    await mongo.start()
+    app = BillingApp(settings(prefix, mongodb_url=mongo.url))
     await app.start()
     try:
 
@@ -262,3 +218,35 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
 
 async def _queue_empty(prefix: str) -> bool:
     return await ready_count(Topology(prefix).billing_queue) == 0
+
+
+async def test_acked_readings_survive_a_kill_of_the_mongodb_server(
+    prefix: str, mongo: LocalMongo
+) -> None:
+    """Billing acks after MongoDB acknowledged the write; SIGKILL the server at once after
+    the last ack, start it on the same data: every acked reading is still billed."""
+    await mongo.start()
+    app = BillingApp(settings(prefix, mongodb_url=mongo.url))
+    await app.start()
+    readings = [reading(minutes=-m, device=f"meter-{m % 7}", kwh=0.01 * m) for m in range(300)]
+    acked = "consumer_messages_total", {"consumer": "billing", "outcome": "acked"}
+    before = REGISTRY.get_sample_value(*acked) or 0
+    try:
+        await publish(prefix, [encode_reading(r) for r in readings])
+
+        async def all_acked() -> bool:
+            return (REGISTRY.get_sample_value(*acked) or 0) - before >= len(readings)
+
+        await wait_until(all_acked, what="300 readings acked")
+        await mongo.stop(signal.SIGKILL)
+    finally:
+        await app.stop()
+    await mongo.start()
+    ledger = MongoLedger.connect(mongo.url, prefix.strip("-"), timeout_s=10)
+    try:
+        stored = {key: await ledger.slot_total(key) for key in expected_totals(readings)}
+        assert stored == expected_totals(readings)
+        assert await ledger.readings.count_documents({}) == len(readings)
+    finally:
+        ledger.close()
+        await cleanup(prefix, app)

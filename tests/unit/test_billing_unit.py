@@ -1,12 +1,12 @@
 """Billing logic without servers: the ledger on mongomock-motor, the handler's retry policy.
 
-The same MongoLedger runs against the real FerretDB in tests/component.
+The same MongoLedger runs against the real local MongoDB-wire server in tests/component.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -55,7 +55,8 @@ class Recorded:
 async def record(ledger: MongoLedger, one: Reading) -> Recorded:
     """Record one reading as a batch of one."""
     recorded = await ledger.record_batch([one])
-    return Recorded(recorded.totals[SlotKey.of(one)], duplicate=not recorded.new)
+    assert recorded.slots == {SlotKey.of(one)}
+    return Recorded(await ledger.slot_total(SlotKey.of(one)), duplicate=not recorded.new)
 
 
 async def test_a_reading_recorded_three_times_counts_once(ledger: MongoLedger) -> None:
@@ -111,9 +112,6 @@ class FlakyLedger:
             raise TransientFailure("MongoDB: connection refused")
         return await self.inner.record_batch(readings)
 
-    async def slot_total(self, key: SlotKey) -> Total:
-        return await self.inner.slot_total(key)
-
     async def latest(self, device_id: str) -> Reading | None:
         return await self.inner.latest(device_id)
 
@@ -122,25 +120,19 @@ class MemoryCache:
     def __init__(self) -> None:
         self.down = False
         self.attempts = 0
-        self.slots: dict[SlotKey, Total] = {}
+        self.changed: set[SlotKey] = set()
         self.latest: dict[str, Reading] = {}
-
-    async def put_slot_total(self, key: SlotKey, total: Total) -> None:
-        self.attempts += 1
-        if self.down:
-            raise TransientFailure("Redis: connection refused")
-        self.slots[key] = total
 
     async def put_latest(self, reading: Reading) -> None:
         if self.down:
             raise TransientFailure("Redis: connection refused")
         self.latest[reading.device_id] = reading
 
-    async def put_batch(self, totals: Mapping[SlotKey, Total], latest: Iterable[Reading]) -> None:
+    async def mark_changed(self, slots: Iterable[SlotKey], latest: Iterable[Reading]) -> None:
         self.attempts += 1
         if self.down:
             raise TransientFailure("Redis: connection refused")
-        self.slots.update(totals)
+        self.changed.update(slots)
         self.latest.update((reading.device_id, reading) for reading in latest)
 
 
@@ -149,7 +141,8 @@ async def test_a_transient_ledger_failure_is_retried_until_it_succeeds(ledger: M
     handler = BillingHandler(flaky, cache, retry_max_delay_s=0.01, cache_retry_s=1)
     await handler(reading(1))
     assert flaky.calls == 4
-    assert cache.slots[SlotKey.of(reading(1))] == Total(1, 500_000)
+    assert cache.changed == {SlotKey.of(reading(1))}
+    assert await ledger.slot_total(SlotKey.of(reading(1))) == Total(1, 500_000)
 
 
 async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedger) -> None:
@@ -162,23 +155,23 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
     await handler(reading(2))
     assert cache.attempts == attempts_while_down, "a known outage is not retried per reading"
     assert await ledger.slot_total(SlotKey.of(reading(1))) == Total(2, 1_000_000)
-    assert cache.slots == {}
+    assert cache.changed == set()
     cache.down = False
     refresher = asyncio.create_task(handler.refresh_stale(interval_s=0.01))
     try:
         await wait_until(lambda: _has_entries(cache), timeout_s=5, what="cache refreshed")
     finally:
         refresher.cancel()
-    assert cache.slots[SlotKey.of(reading(1))] == Total(2, 1_000_000)
+    assert cache.changed == {SlotKey.of(reading(1))}
     assert cache.latest["meter-1"].reading_id == reading(2).reading_id
 
 
 async def _has_entries(cache: MemoryCache) -> bool:
-    return bool(cache.slots)
+    return bool(cache.changed)
 
 
 # The batch path: each reading counted once whatever the batch repeats, a redelivery, a
-# crash between the writes or a concurrent writer of the same buckets.
+# crash between the writes or a concurrent writer of the same slots.
 
 
 async def _stored(ledger: MongoLedger, keys: Iterable[SlotKey]) -> dict[SlotKey, Total]:
@@ -192,12 +185,12 @@ async def test_a_batch_with_repeats_inside_counts_each_reading_once(ledger: Mong
         r.reading_id for r in (reading(1), reading(2), reading(20))
     ]
     assert recorded.duplicates == 3
-    assert recorded.totals == expected_totals(batch)
-    assert await _stored(ledger, recorded.totals) == expected_totals(batch)
+    assert recorded.slots == set(expected_totals(batch))
+    assert await _stored(ledger, recorded.slots) == expected_totals(batch)
     assert await ledger.readings.count_documents({}) == 3
-    bucket = await ledger.device_slots.find_one({"_id": SlotKey.of(reading(1)).bucket_id})
-    assert bucket["reading_ids"] == [reading(1).reading_id, reading(2).reading_id]
-    assert (bucket["min_milliwh"], bucket["max_milliwh"]) == (500_000, 500_000)
+    slot = await ledger.device_slots.find_one({"_id": SlotKey.of(reading(1)).bucket_id})
+    assert slot["milliwh"] == {reading(1).reading_id: 500_000, reading(2).reading_id: 500_000}
+    assert slot["device_id"] == "meter-1"
 
 
 async def test_a_redelivered_batch_changes_nothing(ledger: MongoLedger) -> None:
@@ -206,24 +199,31 @@ async def test_a_redelivered_batch_changes_nothing(ledger: MongoLedger) -> None:
     again = await ledger.record_batch(list(reversed(batch)))
     assert len(first.new) == len(batch) and first.duplicates == 0
     assert again.new == [] and again.duplicates == len(batch)
-    assert again.totals == first.totals == expected_totals(batch)
-    assert await _stored(ledger, first.totals) == expected_totals(batch)
+    assert again.slots == first.slots == set(expected_totals(batch))
+    assert await _stored(ledger, first.slots) == expected_totals(batch)
 
 
 async def test_a_batch_redelivered_after_a_crash_between_its_writes(ledger: MongoLedger) -> None:
     batch = [reading(m, kwh=0.01 * m, device=f"d{m % 4}") for m in range(1, 59)]
-    # The crash came after the readings were stored and some buckets were written (the
-    # first half of the batch), before the ack: the broker redelivers the whole batch.
-    await mongo_batch.store_readings(ledger.readings, batch)
-    await ledger.record_batch(batch[: len(batch) // 2])
+    # The crash came after every slot was written and half of the readings were stored,
+    # before the ack: the broker redelivers the whole batch.
+    await mongo_batch.set_in_slots(ledger.device_slots, _groups(batch))
+    await mongo_batch.store_readings(ledger.readings, batch[: len(batch) // 2])
     redelivered = await ledger.record_batch(batch)
     assert {r.reading_id for r in redelivered.new} == {
         r.reading_id for r in batch[len(batch) // 2 :]
     }
     assert redelivered.duplicates == len(batch) // 2
-    assert redelivered.totals == expected_totals(batch)
-    assert await _stored(ledger, redelivered.totals) == expected_totals(batch)
+    assert redelivered.slots == set(expected_totals(batch))
+    assert await _stored(ledger, redelivered.slots) == expected_totals(batch)
     assert await ledger.readings.count_documents({}) == len(batch)
+
+
+def _groups(readings: Sequence[Reading]) -> dict[SlotKey, list[Reading]]:
+    groups: dict[SlotKey, list[Reading]] = {}
+    for r in readings:
+        groups.setdefault(SlotKey.of(r), []).append(r)
+    return groups
 
 
 async def test_concurrent_batches_sharing_buckets_add_each_reading_once(
@@ -237,39 +237,45 @@ async def test_concurrent_batches_sharing_buckets_add_each_reading_once(
     assert await _stored(ledger, expected_totals(first + second)) == expected_totals(first + second)
 
 
-async def test_a_replica_whose_buckets_moved_since_it_read_them_plans_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Two ledgers (two billing replicas, one database): B writes between A's read and
-    A's write, into buckets A updates and a bucket A creates. A's conditional updates
-    match nothing, its insert is a duplicate key; A reads again and adds what is missing.
-    (MongoDB applies each single-document update atomically; FerretDB does not, hence
-    one billing replica on FerretDB.)"""
+async def test_a_replica_writing_between_the_writes_of_another_changes_no_total() -> None:
+    """Two ledgers (two billing replicas, one database): B records a whole batch between
+    A's slot writes and A's readings insert, sharing slots and two readings with A."""
     database = AsyncMongoMockClient()["billing"]
     a, b = MongoLedger(database), MongoLedger(database)
-    await a.record_batch([reading(1), reading(16)])  # buckets 11:00 and 11:15 exist
+    await a.record_batch([reading(1), reading(16)])  # slots 11:00 and 11:15 exist
     first = [reading(2), reading(3), reading(17), reading(31), reading(32)]
     second = [reading(3), reading(18), reading(32), reading(33)]  # 3 and 32 in both
-    read = mongo_batch.read_buckets
-    reads_of_a = 0
-
-    async def read_then_let_b_write(slots, keys):  # type: ignore[no-untyped-def]
-        nonlocal reads_of_a
-        held = await read(slots, keys)
-        reads_of_a += 1
-        if reads_of_a == 1:
-            monkeypatch.setattr(mongo_batch, "read_buckets", read)  # B reads plainly
-            await b.record_batch(second)
-            monkeypatch.setattr(mongo_batch, "read_buckets", read_then_let_b_write)
-        return held
-
-    monkeypatch.setattr(mongo_batch, "read_buckets", read_then_let_b_write)
-    recorded = await a.record_batch(first)
-    assert reads_of_a == 2
+    await mongo_batch.set_in_slots(a.device_slots, _groups(first))
+    by_b = await b.record_batch(second)
+    by_a = await a.record_batch(first)  # A's redelivery after the interruption
     everything = [reading(1), reading(16), *first, *second]
     assert await _stored(a, expected_totals(everything)) == expected_totals(everything)
-    assert recorded.totals == expected_totals(everything)
-    assert {r.reading_id for r in recorded.new} == {
-        r.reading_id for r in (reading(2), reading(17), reading(31))
-    }
-    assert recorded.duplicates == 2
+    assert len(by_a.new) + len(by_b.new) == len(first) + len(second) - 2
+    assert by_a.duplicates + by_b.duplicates == 2
+
+
+async def test_old_layout_slots_are_migrated_and_keep_their_totals(ledger: MongoLedger) -> None:
+    """Slots written by the earlier layout (reading_ids and counters) become maps."""
+    old = [reading(1, 0.5), reading(2, 1.5), reading(16, 2.0)]
+    await mongo_batch.store_readings(ledger.readings, old)
+    for key, group in _groups(old).items():
+        milliwh = [r.usage_milliwh for r in group]
+        await ledger.device_slots.insert_one(
+            {
+                "_id": key.bucket_id,
+                "device_id": key.device_id,
+                "start": key.start,
+                "reading_ids": [r.reading_id for r in group],
+                "count": len(group),
+                "usage_milliwh": sum(milliwh),
+                "min_milliwh": min(milliwh),
+                "max_milliwh": max(milliwh),
+            }
+        )
+    assert await ledger.migrate_layout() == 2
+    assert await ledger.migrate_layout() == 0
+    recorded = await ledger.record_batch([reading(2, 1.5), reading(3, 0.25)])
+    assert [r.reading_id for r in recorded.new] == [reading(3, 0.25).reading_id]
+    everything = [*old, reading(3, 0.25)]
+    assert await _stored(ledger, expected_totals(everything)) == expected_totals(everything)
+    assert await ledger.device_slots.count_documents({"count": {"$exists": True}}) == 0
