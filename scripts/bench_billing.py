@@ -1,6 +1,7 @@
 """Benchmark (not a test): how fast billing_service drains its queue into MongoDB and Redis.
 
-    python -m scripts.bench_billing [--readings 5000] [--devices 200] [--profile billing.txt]
+    python -m scripts.bench_billing [--readings 5000] [--devices 200] [--old-slots 50000]
+                                    [--profile billing.txt]
 
 Publishes ``--readings`` valid readings (``--devices`` devices, one reading per device every
 ``--interval-s`` seconds, in time order) onto a topology of its own (prefix
@@ -8,7 +9,10 @@ Publishes ``--readings`` valid readings (``--devices`` devices, one reading per 
 ``bench_billing``, Redis prefix ``bench-billing:``) and times the drain: from the moment
 billing's consumer appears on the queue until billing has acked every reading. It then
 checks that MongoDB holds each reading once and that the slot counts add up, prints
-readings/s and the CPU seconds billing and FerretDB used, and removes everything it made.
+readings/s, the ratio to the broker's own consume rate measured first in the same run
+(aio-pika, one consumer acking every 500), the CPU seconds billing and the MongoDB server
+used, and removes everything it made. ``--old-slots N`` stores N older slot documents (and
+one reading each) first, so the drain writes into a collection that is not empty.
 
 ``--profile PATH`` samples billing with py-spy (``pip install py-spy``) at 100 Hz during
 the drain, writes the collapsed stacks to PATH and prints the functions that cost the
@@ -37,12 +41,15 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing_service.adapters.mongo import MongoLedger
+from billing_service.adapters.mongo_batch import ENERGY_MAP
+from billing_service.domain.ledger import SLOT, SlotKey, slot_start
 from billing_service.settings import BillingSettings
 from common.messages import CONTENT_TYPE, encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY, Topology, declare_topology, delete_topology
 from common.settings import load_settings
-from scripts.bench_stack import cpu_by_name, free_port, process_cpu
+from scripts.bench_broker import aio_pika_baseline
+from scripts.bench_stack import MONGODB_PROCESS, cpu_by_name, free_port, process_cpu
 from scripts.profile_services import py_spy, top_costs
 
 # py-spy's flag for each --profile-mode
@@ -66,12 +73,15 @@ def main(
         typer.Option(help="cpu: the thread holding the GIL; wall: every thread, waiting too"),
     ] = "cpu",
     timeout_s: Annotated[float, typer.Option(help="give up on the drain after this long")] = 900,
+    old_slots: Annotated[int, typer.Option(help="older slot documents stored first")] = 0,
 ) -> None:
     """Print the drain rate in readings/s."""
     if profile_mode not in PROFILE_MODES:
         raise typer.BadParameter(f"--profile-mode is one of {', '.join(PROFILE_MODES)}")
     settings = load_settings(BillingSettings)
-    asyncio.run(_bench(settings, readings, devices, interval_s, profile, profile_mode, timeout_s))
+    asyncio.run(
+        _bench(settings, readings, devices, interval_s, profile, profile_mode, timeout_s, old_slots)
+    )
 
 
 async def _bench(
@@ -82,10 +92,20 @@ async def _bench(
     profile: Path | None,
     profile_mode: str,
     timeout_s: float,
+    old_slots: int,
 ) -> None:
     topology = Topology(TOPOLOGY_PREFIX)
     await _clean(settings, topology)  # leftovers of an interrupted run
     try:
+        broker = await aio_pika_baseline(
+            settings.rabbitmq_url, TOPOLOGY_PREFIX, messages=count, window=100, ack_every=500
+        )
+        print(
+            f"broker alone (aio-pika, {count} persistent messages): publish "
+            f"{broker['publish_per_s']:,}/s, consume {broker['consume_per_s']:,}/s"
+        )
+        if old_slots:
+            await _store_old_slots(settings, old_slots, devices)
         batch = _readings(count, devices, interval_s)
         started = time.perf_counter()
         await _publish(settings.rabbitmq_url, topology, batch)
@@ -93,10 +113,51 @@ async def _bench(
             f"published {count} readings of {devices} devices in "
             f"{time.perf_counter() - started:.1f} s"
         )
-        await _drain(settings, topology, count, profile, profile_mode, timeout_s)
+        rate = await _drain(settings, topology, count, profile, profile_mode, timeout_s)
+        print(
+            f"billing drain / broker consume: {rate:,.0f} / {broker['consume_per_s']:,} = "
+            f"{rate / broker['consume_per_s']:.2f}"
+        )
         await _check_billed(settings, batch)
     finally:
         await _clean(settings, topology)
+
+
+async def _store_old_slots(settings: BillingSettings, count: int, devices: int) -> None:
+    """``count`` slots of the same devices in the weeks before, in the layout billing
+    writes (three readings each), and their readings."""
+    ledger = MongoLedger.connect(settings.mongodb_url, DATABASE, settings.mongodb_timeout_s)
+    began = time.perf_counter()
+    first = slot_start(datetime.now(UTC) - timedelta(days=60))
+    try:
+        for chunk in range(0, count, 5000):
+            slots, readings = [], []
+            for index in range(chunk, min(count, chunk + 5000)):
+                key = SlotKey(f"bench-{index % devices:05d}", first + SLOT * (index // devices))
+                energy = {f"old-{index}-{n}": 1000 + n for n in range(3)}
+                slots.append(
+                    {
+                        "_id": key.bucket_id,
+                        "device_id": key.device_id,
+                        "start": key.start,
+                        ENERGY_MAP: energy,
+                    }
+                )
+                readings.append(
+                    {
+                        "_id": f"old-{index}-0",
+                        "device_id": key.device_id,
+                        "timestamp": key.start + SLOT,
+                        "usage_kwh": 0.001,
+                        "usage_milliwh": 1000,
+                    }
+                )
+            await ledger.device_slots.insert_many(slots)
+            await ledger.readings.insert_many(readings)
+        await ledger.ensure_indexes()
+    finally:
+        ledger.close()
+    print(f"stored {count:,} older slots in {time.perf_counter() - began:.1f} s")
 
 
 def _readings(count: int, devices: int, interval_s: float) -> list[Reading]:
@@ -146,7 +207,8 @@ async def _drain(
     profile: Path | None,
     profile_mode: str,
     timeout_s: float,
-) -> None:
+) -> float:
+    """Bill the queued readings; returns the drain rate in readings/s."""
     metrics_port = free_port()
     env = {
         **os.environ,
@@ -186,7 +248,7 @@ async def _drain(
         print(f"billed {count} readings in {took_s:.2f} s: {count / took_s:,.0f} readings/s")
         used = {
             name: cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0)
-            for name in ("ferretdb", "beam.smp", "redis-server")
+            for name in (MONGODB_PROCESS, "beam.smp", "redis-server")
         }
         print(
             f"CPU seconds during the drain: billing {billing_cpu:.1f}, "
@@ -206,6 +268,7 @@ async def _drain(
         os.unlink(log.name)
     if profile is not None:
         _print_profile(profile, profile_mode)
+    return count / took_s
 
 
 def _tail(path: str) -> str:
@@ -282,14 +345,14 @@ async def _drained(
 async def _check_billed(settings: BillingSettings, readings: list[Reading]) -> None:
     ledger = MongoLedger.connect(settings.mongodb_url, DATABASE, settings.mongodb_timeout_s)
     try:
-        stored = await ledger.readings.count_documents({})
+        stored = await ledger.readings.count_documents({"_id": {"$not": {"$regex": "^old-"}}})
         counts = [
-            document["count"]
-            async for document in ledger.device_slots.find({}, projection={"count": 1})
+            len([key for key in document[ENERGY_MAP] if not key.startswith("old-")])
+            async for document in ledger.device_slots.find({}, projection={ENERGY_MAP: 1})
         ]
+        counts = [count for count in counts if count]
     finally:
         ledger.close()
-    # Python sums: FerretDB's $sum over integers answers 0.
     assert stored == len(readings), f"{stored} readings stored, {len(readings)} published"
     assert sum(counts) == len(readings), f"slots count {sum(counts)}, {len(readings)} published"
     print(f"checked: {stored} readings stored once, {len(counts)} slots adding up to {sum(counts)}")

@@ -38,6 +38,8 @@ DEFAULT_LISTEN_PORTS = {
     "billing_service": 50053,
     "analytics_service": 9100,
 }
+# The local MongoDB-wire server of make services, by its process name in /proc.
+MONGODB_PROCESS = "secantusd-py"
 DEFAULT_BILLING_METRICS_URL = "http://127.0.0.1:9103/metrics"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -275,11 +277,11 @@ class BenchStack:
         return counter(self.billing_metrics_url, "billing_store_retries_total", {})
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds so far of each service, RabbitMQ and FerretDB."""
+        """CPU seconds so far of each service, RabbitMQ and the MongoDB server."""
         found = {service: process_cpu(pid) for service, pid in self.pids.items()}
         servers = cpu_by_name()
         found["rabbitmq"] = servers.get("beam.smp", 0.0)
-        found["ferretdb"] = servers.get("ferretdb", 0.0)
+        found["mongodb"] = servers.get(MONGODB_PROCESS, 0.0)
         return found
 
     def memory(self) -> dict[str, dict[str, float]]:

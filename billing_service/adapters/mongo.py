@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import ParamSpec, TypeVar
 
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, WriteConcern
 from pymongo.errors import (
     AutoReconnect,
     ConnectionFailure,
@@ -91,17 +91,18 @@ class MongoLedger:
 
     def __init__(self, database: AsyncIOMotorDatabase) -> None:
         self.database = database
-        self.readings = database["readings"]
+        # A batch's last write, the readings insert, waits for the journal (j: true), which
+        # holds the batch's earlier slot writes too: billing acks after it, and an ack must
+        # survive a crash of the server (without it the local server lost the last writes
+        # to a SIGKILL). One journal flush per batch, not one per slot.
+        self.readings = database.get_collection("readings", write_concern=WriteConcern(j=True))
         self.device_slots = database["device_slots"]
 
     @classmethod
     def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
         """A ledger on its own client, with ``timeout_s`` on selection, connect and socket.
 
-        Writes are acknowledged only once journaled (``j: true``): billing acks a reading
-        after MongoDB acknowledged it, and an acknowledgement must survive a crash of the
-        server (without it, the local server lost the last writes to a SIGKILL). Add
-        ``w=majority`` to the URL on a replica set.
+        On a replica set, the server's default write concern (majority) applies.
         """
         timeout_ms = int(timeout_s * 1000)
         client: AsyncIOMotorClient = AsyncIOMotorClient(
@@ -109,7 +110,6 @@ class MongoLedger:
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=timeout_ms,
-            journal=True,
             tz_aware=True,
         )
         return cls(client[database])
