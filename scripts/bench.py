@@ -137,7 +137,7 @@ class Bench:
             cpu_before = self.stack.cpu_seconds()
             figure = run_streams(self.plan(o["stream_readings"], batch, 1000, f"b{batch}"))
             cpu_after, accepted = self.stack.cpu_seconds(), max(figure["accepted"], 1)
-            # Billing drains its backlog meanwhile: FerretDB's share is billing's work.
+            # Billing drains its backlog meanwhile: the MongoDB server's share is billing's work.
             figure["cpu_us_per_reading"] = {
                 name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / accepted * 1e6, 1)
                 for name in cpu_after

@@ -7,7 +7,7 @@ on, then auth and Redis rate limits on. Each time it registers a device, then se
 ``--calls`` unary SendReading calls one at a time (latency) and the same again from 16
 concurrent callers (throughput). The gateway forwards to a fake ingestion in this process
 that confirms at once, so the figures are the gateway's own work plus the checks. Needs
-FerretDB/MongoDB and Redis (make services).
+MongoDB (SecantusDB locally) and Redis (make services).
 """
 
 from __future__ import annotations

@@ -48,8 +48,6 @@ go_build_tool() {  # go_build_tool MODULE VERSION PACKAGE BINARY
   dir=$(go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   src=$(mktemp -d)
   cp -r "$dir/." "$src" && chmod -R u+w "$src"
-  # FerretDB embeds build/version/version.txt, which its release tooling writes.
-  [ -d "$src/build/version" ] && echo "$2" >"$src/build/version/version.txt"
   (cd "$src" && go build -o "$GOBIN/$4" "./$3")
   rm -rf "$src"
 }
@@ -93,6 +91,11 @@ if ! port_open "$REDIS_PORT"; then
   wait_port "$REDIS_PORT" redis 30
 fi
 
+# FerretDB, the local server of earlier versions, is retired: free its port.
+if pkill -f "ferretdb .*--listen-addr=127.0.0.1:$MONGODB_PORT" 2>/dev/null; then
+  log "stopped FerretDB (retired; SecantusDB takes port $MONGODB_PORT)"
+  sleep 1
+fi
 if ! port_open "$MONGODB_PORT"; then
   log "starting SecantusDB on $MONGODB_PORT (data in $STATE_DIR/secantusdb, kept across restarts)"
   mkdir -p "$STATE_DIR/secantusdb"

@@ -1,4 +1,4 @@
-"""Device tokens, rate limits and limits at the gateway, against real RabbitMQ, Redis, FerretDB.
+"""Device tokens, rate limits and limits at the gateway, against real RabbitMQ, Redis, SecantusDB.
 
 Every refusal must publish nothing: the test's billing queue is checked after each.
 """

@@ -1,4 +1,4 @@
-"""The read API of billing_service against FerretDB and real Redis, Redis flushed and stopped.
+"""The read API of billing_service against SecantusDB and real Redis, Redis flushed and stopped.
 
 Readings go in through the broker and the consumer; the queries come out over gRPC from
 billing's own server. Bills are checked against compute_bill on readings the test made,

@@ -120,10 +120,9 @@ async def test_redis_unavailable_for_a_while(stacks, tmp_path: Path) -> None:
 async def test_mongodb_write_failures_injected_in_the_adapter(stacks, tmp_path: Path) -> None:
     """Timeouts, then connection errors, injected in billing's MongoDB adapter under load.
 
-    Injected in the adapter, a failed write never reaches the server. (Resetting real
-    connections mid-write instead lets FerretDB run an orphaned write late, and FerretDB,
-    unlike MongoDB, applies concurrent updates of one document non-atomically: 1 or 2 of
-    1,800 readings went missing from slot totals that way. See the README.)
+    Injected in the adapter, a failed write never reaches the server, so the test decides
+    exactly when the store is down. (A reset connection's orphaned write may also run
+    late on the server; billing's writes are idempotent upserts, so it changes nothing.)
     """
     control = tmp_path / "mongodb-faults"
     stack = await stacks(BILLING_FAULTS_FILE=str(control), BILLING_RETRY_MAX_DELAY_S="1")

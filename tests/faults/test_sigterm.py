@@ -68,7 +68,7 @@ class NoShutdownLine(AssertionError):
 async def test_sigterm_then_restart_under_load(stacks, tmp_path: Path, service: str) -> None:
     stack = await stacks(**GRACE_ENV)
     ledger = tmp_path / "ledger.jsonl"
-    load = asyncio.gather(  # what billing keeps up with on FerretDB, so it ends in time
+    load = asyncio.gather(  # what billing keeps up with, so it ends in time
         steady_load(stack, ledger, seconds=8, rate=RATE),
         steady_load(stack, ledger, seconds=8, rate=RATE, batch=25),
     )
