@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTOS := $(wildcard common/energy/v1/*.proto)
 COMPOSE := docker compose -f deployments/docker-compose.yml
-# grpcurl and ferretdb are built by scripts/services.sh into Go's bin folder.
+# grpcurl and redis_exporter are built by scripts/services.sh into Go's bin folder.
 export PATH := $(VENV)/bin:$(shell go env GOPATH 2>/dev/null || echo $(HOME)/go)/bin:$(PATH)
 
 # make simulate DEVICES=100 RATE=500 DURATION=30
@@ -20,13 +20,19 @@ CATALOG ?= deployments/tariffs.yaml
 # (git-ignored). The client scripts send it as GATEWAY_TOKEN, so it may send for any device.
 ADMIN_TOKEN_FILE := .admin-token
 ADMIN_TOKEN = $(shell cat $(ADMIN_TOKEN_FILE))
-dev up: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
+# RabbitMQ's password in docker compose (user energy), generated once into .rabbitmq-password
+# (git-ignored). The broker keeps the user in its volume: a new password needs make down-delete-data.
+RABBITMQ_PASSWORD_FILE := .rabbitmq-password
+# Compose interpolates both secrets for every command, down included.
+COMPOSE_SECRETS := $(ADMIN_TOKEN_FILE) $(RABBITMQ_PASSWORD_FILE)
+dev up down down-delete-data: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
+up down down-delete-data: export RABBITMQ_PASSWORD = $(shell cat $(RABBITMQ_PASSWORD_FILE))
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down compose-check clean
+.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +49,11 @@ $(ADMIN_TOKEN_FILE):
 	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $@
 	@echo "generated the gateway's admin token in $@ (grpcurl -H \"authorization: Bearer \$$(cat $@)\" ...)"
 
-services: ## Install (when missing) and start RabbitMQ, Redis, FerretDB, grpcurl locally
+$(RABBITMQ_PASSWORD_FILE):
+	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(24))' > $@
+	@echo "generated RabbitMQ's password for make up in $@ (user energy)"
+
+services: ## Install (when missing) and start RabbitMQ, Redis, SecantusDB (MongoDB wire), Prometheus, grpcurl locally
 	bash scripts/services.sh
 
 dev: proto services $(ADMIN_TOKEN_FILE) ## Run the four services as local processes (Ctrl-C stops them)
@@ -98,9 +108,10 @@ test: proto services bench-tools ## Everything: unit, component (real servers), 
 test-unit: proto ## Only the tests that need no server
 	$(PY) -m pytest tests/unit
 
-lint: install ## ruff check and format check
+lint: install ## ruff check and format check, hadolint on the Dockerfile
 	ruff check .
 	ruff format --check .
+	hadolint deployments/Dockerfile
 
 fmt: install ## Format and fix what ruff can
 	ruff format .
@@ -109,11 +120,14 @@ fmt: install ## Format and fix what ruff can
 compose-check: install ## Validate deployments/docker-compose.yml against the compose specification
 	check-jsonschema --builtin-schema vendor.compose-spec deployments/docker-compose.yml
 
-up: $(ADMIN_TOKEN_FILE) ## The whole stack in docker compose (needs Docker)
+up: $(COMPOSE_SECRETS) ## The whole stack in docker compose (needs Docker)
 	$(COMPOSE) up -d --build --wait
-	@echo "gateway grpc://localhost:50051  RabbitMQ UI http://localhost:15672 (guest/guest)  analytics http://localhost:9100/metrics"
+	@echo "gateway grpc://localhost:50051  RabbitMQ UI http://localhost:15672 (user energy, password in $(RABBITMQ_PASSWORD_FILE))  analytics http://localhost:9100/metrics"
 
-down: ## Stop the compose stack and delete its volumes
+down: $(COMPOSE_SECRETS) ## Stop the compose stack; its volumes (bills, queues, metrics) are kept
+	$(COMPOSE) down
+
+down-delete-data: $(COMPOSE_SECRETS) ## Stop the compose stack and delete its volumes: every bill and queued reading
 	$(COMPOSE) down -v
 
 clean: ## Remove the virtual environment, generated stubs and caches

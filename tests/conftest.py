@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import pytest
 
@@ -50,6 +51,34 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+T = TypeVar("T")
+
+
+async def wait_while_progressing(
+    measure: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    what: str,
+    stall_s: float = 300,
+) -> T:
+    """Poll ``measure`` until ``done`` holds for its value; return that value.
+
+    For waits whose length the machine sets (billing drains at its MongoDB server's pace):
+    no deadline on the whole wait, only on a stall, so a slow machine passes and a stuck
+    stack fails once ``measure`` has not changed for ``stall_s``.
+    """
+    value, changed_at = await measure(), time.monotonic()
+    while not done(value):
+        await asyncio.sleep(0.2)
+        latest = await measure()
+        if latest != value:
+            value, changed_at = latest, time.monotonic()
+        elif time.monotonic() - changed_at > stall_s:
+            raise AssertionError(
+                f"no progress for {stall_s} s waiting for {what}; last seen {value!r}"
+            )
+    return value
 
 
 def expected_totals(readings: Iterable[Reading]) -> dict[SlotKey, Total]:

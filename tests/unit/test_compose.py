@@ -1,7 +1,9 @@
 """deployments/docker-compose.yml agrees with the settings classes; the health probe works.
 
 No Docker is needed: the compose file is validated against the compose specification and
-read as YAML, and each app service's environment is fed to its settings class.
+read as YAML, and each app service's environment is fed to its settings class. The stores
+are reachable from this host only, RabbitMQ has no guest user, and `make down` keeps the
+volumes (checked with `make --dry-run`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -31,6 +35,7 @@ from ingestion_service.settings import IngestionSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "deployments" / "docker-compose.yml"
+MAKEFILE = REPO / "Makefile"
 APP_SERVICES: dict[str, type[ServiceSettings]] = {
     "gateway": GatewaySettings,
     "ingestion": IngestionSettings,
@@ -49,7 +54,14 @@ HOST_VARIABLE = {
 INTERPOLATION = re.compile(
     r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}"
 )
-EXPORTED_BY_MAKE_UP = {"GATEWAY_ADMIN_TOKEN": "0123456789abcdef" * 4}
+EXPORTED_BY_MAKE_UP = {
+    "GATEWAY_ADMIN_TOKEN": "0123456789abcdef" * 4,
+    "RABBITMQ_PASSWORD": "fedcba9876543210" * 3,
+}
+# Servers without authentication of their own (or, for RabbitMQ, with a UI on its port).
+STORES = ("rabbitmq", "mongo", "redis")
+# Every make target that runs docker compose; compose interpolates the secrets for each.
+COMPOSE_TARGETS = {"up", "down", "down-delete-data"}
 PROBE_TIMEOUT_S = 30
 
 app_services = pytest.mark.parametrize(
@@ -98,6 +110,32 @@ def container_ports(compose: dict[str, Any], service: str) -> set[int]:
         else:
             ports.add(int(str(entry).split("/", 1)[0].rsplit(":", 1)[-1]))
     return ports
+
+
+def host_addresses(compose: dict[str, Any], service: str) -> list[str]:
+    """The host address each published port binds to ("" for every interface)."""
+    addresses = []
+    for entry in compose["services"][service].get("ports") or []:
+        if isinstance(entry, dict):
+            addresses.append(str(entry.get("host_ip", "")))
+        else:
+            parts = str(entry).split("/", 1)[0].split(":")
+            addresses.append(parts[0] if len(parts) == 3 else "")
+    return addresses
+
+
+def make_dry_run(target: str) -> list[list[str]]:
+    """The docker compose commands ``make TARGET`` would run, as argument lists."""
+    result = subprocess.run(
+        ["make", "--dry-run", "--no-print-directory", target],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("docker")]
 
 
 def build_settings(
@@ -384,3 +422,63 @@ def test_prometheus_and_grafana_are_wired_to_the_stack(compose: dict[str, Any]) 
     assert targets <= published, targets - published
     assert "3000:3000" in services["grafana"]["ports"]
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+
+
+def test_stores_publish_their_ports_on_loopback_only(compose: dict[str, Any]) -> None:
+    for store in STORES:
+        addresses = host_addresses(compose, store)
+        assert addresses, f"{store} publishes no port"
+        assert set(addresses) == {"127.0.0.1"}, f"{store} binds {addresses}, not 127.0.0.1 only"
+
+
+def test_rabbitmq_user_is_generated_and_not_guest(compose: dict[str, Any]) -> None:
+    raw = compose["services"]["rabbitmq"].get("environment") or {}
+    # Required, with no default: compose refuses to start without the generated password.
+    password_source = str(raw.get("RABBITMQ_DEFAULT_PASS", ""))
+    assert re.fullmatch(r"\$\{RABBITMQ_PASSWORD:\?[^}]+\}", password_source), raw
+    broker = environment(compose, "rabbitmq")
+    user, password = broker["RABBITMQ_DEFAULT_USER"], broker["RABBITMQ_DEFAULT_PASS"]
+    assert user and user != "guest", user
+    assert password == EXPORTED_BY_MAKE_UP["RABBITMQ_PASSWORD"]
+    for service, settings_class in APP_SERVICES.items():
+        if "RABBITMQ_URL" not in env_names(settings_class):
+            continue
+        url = urlsplit(environment(compose, service).get("RABBITMQ_URL", ""))
+        assert (url.username, url.password, url.hostname) == (user, password, "rabbitmq"), (
+            service,
+            url.geturl(),
+        )
+
+
+def test_make_exports_every_secret_compose_requires() -> None:
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", COMPOSE_FILE.read_text()))
+    assert required == set(EXPORTED_BY_MAKE_UP), required
+    exported: dict[str, set[str]] = {}
+    for line in MAKEFILE.read_text().splitlines():
+        match = re.match(r"^([a-z -]+): export ([A-Z_]+) ", line)
+        if match:
+            exported.setdefault(match.group(2), set()).update(match.group(1).split())
+    for name in required:
+        assert COMPOSE_TARGETS <= exported.get(name, set()), (name, exported.get(name))
+
+
+def test_make_down_keeps_the_volumes() -> None:
+    (down,) = make_dry_run("down")
+    assert down[:2] == ["docker", "compose"] and down[-1] == "down", down
+    assert not {"-v", "--volumes"} & set(down), down
+    (delete,) = make_dry_run("down-delete-data")
+    assert delete[:2] == ["docker", "compose"] and "down" in delete, delete
+    assert {"-v", "--volumes"} & set(delete), delete
+    help_lines = {
+        line.split()[1]: line
+        for line in subprocess.run(
+            ["make", "--no-print-directory", "help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.splitlines()
+    }
+    assert "every bill and queued reading" in help_lines["down-delete-data"]
+    assert "delete" not in help_lines["down"], help_lines["down"]
