@@ -178,7 +178,33 @@ class Bench:
                 }
             )
             typer.echo(f"[bench] soak round {number + 1}: {rounds[-1]}", err=True)
-        return {"devices": SOAK_DEVICES, "batch": 1000, "rounds": rounds, **_growth(rounds)}
+        billed = self._wait_billed(per_round * SOAK_ROUNDS)
+        return {
+            "devices": SOAK_DEVICES,
+            "batch": 1000,
+            "rounds": rounds,
+            "billed": billed,
+            **_growth(rounds),
+        }
+
+    def _wait_billed(self, readings: int, stall_s: float = 120) -> dict[str, Any]:
+        """Wait until billing has billed every reading (or made no progress for
+        ``stall_s``); then every service's RSS."""
+        began = time.perf_counter()
+        billed, changed_at = self.stack.billed(), time.perf_counter()
+        while billed < readings and time.perf_counter() - changed_at < stall_s:
+            time.sleep(2)
+            now = self.stack.billed()
+            if now != billed:
+                billed, changed_at = now, time.perf_counter()
+        figures = {
+            "billed_total": billed,
+            "all": billed >= readings,
+            "after_last_round_s": round(time.perf_counter() - began, 1),
+            "rss_mib": {name: mem["rss_mib"] for name, mem in self.stack.memory().items()},
+        }
+        typer.echo(f"[bench] soak billed: {figures}", err=True)
+        return figures
 
 
 def _growth(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""Benchmark (not a test): read-side latency on a month of one-reading-a-minute data.
+"""Benchmark (not a test): read-side latency on a month of one device's readings.
 
-    python -m scripts.bench_query [--runs 20]
+    python -m scripts.bench_query [--runs 20] [--interval-s 60]
 
-Writes 30 days of readings for one device (43,200 readings, 2,880 slots) straight into a
-database of its own (``bench_query``, dropped at the end) in billing's storage format,
-then times the queries as billing_service runs them: GetUsage over the month by 1h, by
-1d and 15m, a day by 5m (from raw readings), and the month's bill from MongoDB and from
-Redis. MONGODB_URL and REDIS_URL point it at the servers (make services starts them).
+Writes last month's readings of one device, one every ``--interval-s`` (60: 43,200 in
+2,880 slots; 5, a logger of the README's fleet: 518,400, 180 in each slot), through
+billing's own write path into a database of its own (``bench_query``, dropped at the end),
+then times the queries as billing_service runs them: GetUsage over the month by 1h, by 1d
+and 15m, a day by 5m (from raw readings), and the month's bill from MongoDB, from Redis,
+and from Redis with one slot changed by billing since (read from MongoDB). MONGODB_URL and
+REDIS_URL point it at the servers (make services starts them).
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def main(runs: Annotated[int, typer.Option(help="timed runs per query")] = 20) -> None:
+def main(
+    runs: Annotated[int, typer.Option(help="timed runs per query")] = 20,
+    interval_s: Annotated[int, typer.Option(help="seconds between the device's readings")] = 60,
+) -> None:
     """Print p50 / p95 / max milliseconds per query."""
-    asyncio.run(_bench(load_settings(BillingSettings), runs))
+    asyncio.run(_bench(load_settings(BillingSettings), runs, interval_s))
 
 
-async def _bench(settings: BillingSettings, runs: int) -> None:
+async def _bench(settings: BillingSettings, runs: int, interval_s: int) -> None:
     ledger = MongoLedger.connect(settings.mongodb_url, "bench_query", settings.mongodb_timeout_s)
     cache = RedisCache(settings.redis_url, "bench-query:", settings.redis_timeout_s)
     try:
@@ -52,10 +57,10 @@ async def _bench(settings: BillingSettings, runs: int) -> None:
         await ledger.ensure_indexes()
         now = datetime.now(UTC)
         month_end = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        month_start = month_end - timedelta(days=30)
+        month_start = (month_end - timedelta(days=1)).replace(day=1)
         started = time.perf_counter()
-        count = await _load_month(ledger, month_start, now)
-        print(f"loaded {count} readings in {time.perf_counter() - started:.1f} s")
+        count = await _load_month(ledger, month_start, month_end, interval_s, now)
+        print(f"loaded {count:,} readings in {time.perf_counter() - started:.1f} s")
 
         store = MongoCatalog(ledger.database)
         await store.save(CATALOG, "bench catalog")
@@ -65,15 +70,15 @@ async def _bench(settings: BillingSettings, runs: int) -> None:
         day_end = month_start + timedelta(days=1)
         cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             (
-                "usage 30 days by 1h (720 windows)",
+                "usage a month by 1h (720-744 windows)",
                 lambda: queries.usage(DEVICE, month_start, month_end, "1h", ""),
             ),
             (
-                "usage 30 days by 1d",
+                "usage a month by 1d",
                 lambda: queries.usage(DEVICE, month_start, month_end, "1d", ""),
             ),
             (
-                "usage 30 days by 15m (2,880 windows)",
+                "usage a month by 15m (2,880-2,976 windows)",
                 lambda: queries.usage(DEVICE, month_start, month_end, "15m", ""),
             ),
             (
@@ -90,6 +95,16 @@ async def _bench(settings: BillingSettings, runs: int) -> None:
         _report(
             "month bill from Redis", await _time(lambda: queries.device_bill(DEVICE, label), runs)
         )
+        changed = SlotKey(DEVICE, month_start + timedelta(days=3))
+
+        async def bill_after_a_change() -> None:
+            await cache.mark_changed([changed], [])
+            await queries.device_bill(DEVICE, label)
+
+        _report(
+            "month bill, Redis + 1 changed slot from MongoDB",
+            await _time(bill_after_a_change, runs),
+        )
     finally:
         await ledger.database.client.drop_database("bench_query")
         await _clear_redis(settings.redis_url)
@@ -97,45 +112,24 @@ async def _bench(settings: BillingSettings, runs: int) -> None:
         ledger.close()
 
 
-async def _load_month(ledger: MongoLedger, start: datetime, now: datetime) -> int:
-    """One reading a minute for 30 days, as billing would have stored it."""
-    readings, slots = [], {}
-    for minute in range(1, 30 * 24 * 60 + 1):
-        reading = validate_reading(
-            DEVICE, start + timedelta(minutes=minute), 0.01 + (minute % 11) / 1000, now=now
+async def _load_month(
+    ledger: MongoLedger, start: datetime, end: datetime, interval_s: int, now: datetime
+) -> int:
+    """One reading every ``interval_s`` in [start, end), recorded as billing records them."""
+    count = int((end - start).total_seconds()) // interval_s
+    for first in range(1, count + 1, 5000):
+        await ledger.record_batch(
+            [
+                validate_reading(
+                    DEVICE,
+                    start + timedelta(seconds=n * interval_s),
+                    0.01 + (n % 11) / 1000,
+                    now=now,
+                )
+                for n in range(first, min(count, first + 4999) + 1)
+            ]
         )
-        readings.append(
-            {
-                "_id": reading.reading_id,
-                "device_id": DEVICE,
-                "timestamp": reading.timestamp,
-                "usage_kwh": reading.usage_kwh,
-                "usage_milliwh": reading.usage_milliwh,
-            }
-        )
-        key = SlotKey.of(reading)
-        slot = slots.setdefault(
-            key.bucket_id,
-            {
-                "_id": key.bucket_id,
-                "device_id": DEVICE,
-                "start": key.start,
-                "reading_ids": [],
-                "count": 0,
-                "usage_milliwh": 0,
-                "min_milliwh": reading.usage_milliwh,
-                "max_milliwh": reading.usage_milliwh,
-            },
-        )
-        slot["reading_ids"].append(reading.reading_id)
-        slot["count"] += 1
-        slot["usage_milliwh"] += reading.usage_milliwh
-        slot["min_milliwh"] = min(slot["min_milliwh"], reading.usage_milliwh)
-        slot["max_milliwh"] = max(slot["max_milliwh"], reading.usage_milliwh)
-    for chunk in range(0, len(readings), 5000):
-        await ledger.readings.insert_many(readings[chunk : chunk + 5000])
-    await ledger.device_slots.insert_many(list(slots.values()))
-    return len(readings)
+    return count
 
 
 async def _clear_redis(url: str) -> None:

@@ -183,6 +183,17 @@ def _soak(table: Rows, soak: dict[str, Any]) -> None:
         "readings/s",
         "grpc.aio",
     )
+    billed = soak.get("billed")
+    if billed:
+        table.add(
+            "soak",
+            f"billed {int(billed['billed_total']):,} ({'all' if billed['all'] else 'NOT all'}), "
+            f"{billed['after_last_round_s']:g} s after the last round; billing RSS then "
+            f"{billed['rss_mib'].get('billing_service', 0):.0f} MiB",
+            billed["billed_total"],
+            "readings",
+            "/metrics",
+        )
     growth = soak.get("rss_growth_pct_second_half", {})
     for service, rss in end["rss_mib"].items():
         table.add(

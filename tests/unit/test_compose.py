@@ -126,14 +126,7 @@ def host_addresses(compose: dict[str, Any], service: str) -> list[str]:
 
 def make_dry_run(target: str) -> list[list[str]]:
     """The docker compose commands ``make TARGET`` would run, as argument lists."""
-    result = subprocess.run(
-        ["make", "--dry-run", "--no-print-directory", target],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_in_repo(["make", "--dry-run", "--no-print-directory", target], timeout_s=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("docker")]
 
@@ -160,26 +153,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_probe(*args: str) -> subprocess.CompletedProcess[str]:
+def run_in_repo(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "common.healthcheck", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-        check=False,
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False
     )
+
+
+def run_probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_in_repo([sys.executable, "-m", "common.healthcheck", *args], PROBE_TIMEOUT_S)
 
 
 def test_compose_file_validates_against_the_compose_spec() -> None:
     checker = Path(sys.executable).parent / "check-jsonschema"
-    result = subprocess.run(
-        [str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_in_repo(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)], 120
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
