@@ -109,12 +109,15 @@ class BillingHandler:
         while True:
             await asyncio.sleep(interval_s)
             for device_id, keys in _by_device(self._stale).items():
+                # Taken out before marking: a batch that defers the same slot meanwhile
+                # wrote after this mark began, so it must stay for the next round.
+                self._stale.difference_update(keys)
                 try:
                     latest = await self._ledger.latest(device_id)
                     await self._cache.mark_changed(keys, [latest] if latest else [])
                 except TransientFailure:
+                    self._stale.update(keys)
                     break  # still down; try again next round
-                self._stale.difference_update(keys)
 
 
 def _by_device(slots: Collection[SlotKey]) -> dict[str, list[SlotKey]]:
