@@ -58,7 +58,9 @@ services: ## Install (when missing) and start RabbitMQ, Redis, SecantusDB (Mongo
 
 dev: proto services $(ADMIN_TOKEN_FILE) ## Run the four services as local processes (Ctrl-C stops them)
 	$(PY) -m scripts.seed --if-empty $(CATALOG)
-	honcho -f deployments/Procfile.dev -d . start
+	@# Readable log lines for a person at a terminal, JSON lines for a pipe or a file.
+	LOG_FORMAT=$${LOG_FORMAT:-$$([ -t 1 ] && echo text || echo json)} \
+		honcho -f deployments/Procfile.dev -d . start
 
 seed: install ## Load tariffs, accounts and devices into MongoDB: CATALOG (deployments/tariffs.yaml)
 	$(PY) -m scripts.seed $(CATALOG)

@@ -9,7 +9,7 @@ from common.settings import load_settings
 
 def main() -> None:
     settings = load_settings(AnalyticsSettings)
-    configure_logging("analytics_service", settings.log_level)
+    configure_logging("analytics_service", settings.log_level, settings.log_format)
     run(app.run(settings), settings.event_loop)
 
 

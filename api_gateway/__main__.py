@@ -9,7 +9,7 @@ from common.settings import load_settings
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
-    configure_logging("api_gateway", settings.log_level)
+    configure_logging("api_gateway", settings.log_level, settings.log_format)
     run(app.run(settings), settings.event_loop)
 
 

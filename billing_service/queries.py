@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from billing_service.adapters.catalog_file import parse_catalog
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
 from billing_service.adapters.redis import MonthSlots, RedisCache
 from billing_service.domain import usage
@@ -31,7 +32,7 @@ from billing_service.domain.bill import (
     period_of_month,
 )
 from billing_service.domain.ledger import SlotKey, Total, TransientFailure
-from billing_service.domain.tariff import Catalog, Tariff, parse_catalog
+from billing_service.domain.tariff import Catalog, Tariff
 from billing_service.domain.usage import InvalidQuery, UsageBucket
 from common.models import ID_PATTERN, ID_RULE, Reading
 

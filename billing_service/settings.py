@@ -10,7 +10,7 @@ from common.tls import ServerTlsSettings
 
 
 class BillingSettings(BrokerSettings, ServerTlsSettings):
-    """Consumes billing.readings; gRPC (health; queries later) on :50053, /metrics on :9103."""
+    """Consumes billing.readings; answers the read API (gRPC) on :50053, /metrics on :9103."""
 
     model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore", frozen=True)
 

@@ -1,4 +1,5 @@
-"""Structured JSON logs to stdout, one object a line, with the service name on each."""
+"""Structured JSON logs to stdout, one object a line, with the service name on each; or,
+for a person at a terminal (``make dev``), one readable line with the same fields."""
 
 from __future__ import annotations
 
@@ -7,18 +8,37 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+# The attributes every LogRecord has; the others came from extra= (reading_id, ...).
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """Send every record as JSON to stdout; extra= fields (reading_id, ...) become keys."""
+
+class TextFormatter(logging.Formatter):
+    """``12:00:01 WARNING billing_service.consumer: store unavailable, retrying attempt=2``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD]
+        head, _, trace = line.partition("\n")
+        return " ".join([head, *extra]) + (f"\n{trace}" if trace else "")
+
+
+def configure_logging(service: str, level: str = "INFO", log_format: str = "json") -> None:
+    """Send every record to stdout, as JSON (extra= fields become keys) or as text."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            static_fields={"service": service},
-            timestamp=False,
+    if log_format == "text":
+        handler.setFormatter(TextFormatter())
+    else:
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                static_fields={"service": service},
+                timestamp=False,
+            )
         )
-    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

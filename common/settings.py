@@ -29,6 +29,9 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias="LOG_LEVEL"
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", validation_alias="LOG_FORMAT", description="text: one readable line a record"
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", validation_alias="EVENT_LOOP", description="asyncio: the standard loop"
     )

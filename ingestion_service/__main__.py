@@ -9,7 +9,7 @@ from ingestion_service.settings import IngestionSettings
 
 def main() -> None:
     settings = load_settings(IngestionSettings)
-    configure_logging("ingestion_service", settings.log_level)
+    configure_logging("ingestion_service", settings.log_level, settings.log_format)
     run(app.run(settings), settings.event_loop)
 
 

@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 
+from billing_service.adapters.catalog_file import load_catalog
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
-from billing_service.domain.tariff import CatalogError, load_catalog
+from billing_service.domain.tariff import CatalogError
 from billing_service.settings import BillingSettings
 from common.settings import load_settings
 

@@ -10,14 +10,15 @@ replica that made it.
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
 from cachetools import TTLCache
-from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorCollection
 from pymongo import ASCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
 from api_gateway.auth import Credential, IssuedToken, issue_token
+from common.mongo import Collection, connect, transient_as
 
 COLLECTION = "device_credentials"
 
@@ -35,7 +36,7 @@ class UnknownDevice(Exception):
 
 
 class MongoCredentialStore:
-    def __init__(self, collection: AsyncIOMotorCollection, cache_ttl_s: float) -> None:
+    def __init__(self, collection: Collection, cache_ttl_s: float) -> None:
         self._collection = collection
         self._cache: TTLCache[str, Credential | None] = TTLCache(maxsize=100_000, ttl=cache_ttl_s)
         self._indexed = asyncio.Lock()
@@ -45,15 +46,7 @@ class MongoCredentialStore:
     def connect(
         cls, url: str, database: str, timeout_s: float, cache_ttl_s: float
     ) -> MongoCredentialStore:
-        timeout_ms = int(timeout_s * 1000)
-        client: AsyncIOMotorClient = AsyncIOMotorClient(
-            url,
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
-            tz_aware=True,
-        )
-        return cls(client[database][COLLECTION], cache_ttl_s)
+        return cls(connect(url, database, timeout_s)[COLLECTION], cache_ttl_s)
 
     def close(self) -> None:
         self._collection.database.client.close()
@@ -61,10 +54,8 @@ class MongoCredentialStore:
     async def find(self, key_id: str) -> Credential | None:
         if key_id in self._cache:
             return self._cache[key_id]
-        try:
+        with _unavailable():
             document = await self._collection.find_one({"key_id": key_id})
-        except PyMongoError as error:
-            raise CredentialStoreUnavailable(f"credential store (MongoDB): {error}") from error
         credential = _credential(document) if document else None
         self._cache[key_id] = credential
         return credential
@@ -72,37 +63,32 @@ class MongoCredentialStore:
     async def register(self, device_id: str) -> IssuedToken:
         issued = issue_token(device_id)
         try:
-            await self._ensure_index()
-            await self._collection.insert_one({"_id": device_id, **_fields(issued.credential)})
+            with _unavailable():
+                await self._ensure_index()
+                await self._collection.insert_one({"_id": device_id, **_fields(issued.credential)})
         except DuplicateKeyError:
             raise DeviceExists(device_id) from None
-        except PyMongoError as error:
-            raise CredentialStoreUnavailable(f"credential store (MongoDB): {error}") from error
         return issued
 
     async def rotate(self, device_id: str) -> IssuedToken:
         issued = issue_token(device_id)
-        try:
+        with _unavailable():
             await self._ensure_index()
             previous = await self._collection.find_one_and_update(
                 {"_id": device_id},
                 {"$set": _fields(issued.credential)},
                 return_document=ReturnDocument.BEFORE,
             )
-        except PyMongoError as error:
-            raise CredentialStoreUnavailable(f"credential store (MongoDB): {error}") from error
         if previous is None:
             raise UnknownDevice(device_id)
         self._cache.pop(previous["key_id"], None)
         return issued
 
     async def revoke(self, device_id: str) -> None:
-        try:
+        with _unavailable():
             previous = await self._collection.find_one_and_update(
                 {"_id": device_id}, {"$set": {"revoked_at": datetime.now(UTC)}}
             )
-        except PyMongoError as error:
-            raise CredentialStoreUnavailable(f"credential store (MongoDB): {error}") from error
         if previous is None:
             raise UnknownDevice(device_id)
         self._cache.pop(previous["key_id"], None)
@@ -112,6 +98,10 @@ class MongoCredentialStore:
             if not self._has_index:
                 await self._collection.create_index([("key_id", ASCENDING)], unique=True)
                 self._has_index = True
+
+
+def _unavailable() -> AbstractContextManager[None]:
+    return transient_as(CredentialStoreUnavailable, "credential store (MongoDB)")
 
 
 def _fields(credential: Credential) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""MongoDB, the source of truth, through motor. The only module that imports motor.
+"""MongoDB, the source of truth: billing's readings, slots and catalog.
 
 Idempotency without transactions or locks (standalone MongoDB and the local servers have
 no transactions), by ``_id``-keyed writes that are the same however often they repeat:
@@ -20,16 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ParamSpec, TypeVar
 
-from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
 from pymongo import ASCENDING, DESCENDING, WriteConcern
-from pymongo.errors import (
-    AutoReconnect,
-    ConnectionFailure,
-    ExecutionTimeout,
-    NetworkTimeout,
-    ServerSelectionTimeoutError,
-    WriteConcernError,
-)
 
 from billing_service.adapters.mongo_batch import (
     ENERGY_MAP,
@@ -42,17 +33,9 @@ from billing_service.adapters.mongo_batch import (
 )
 from billing_service.domain.ledger import BatchRecorded, SlotKey, Total, TransientFailure
 from common.models import Reading
+from common.mongo import Database, connect, transient_as
 
 log = logging.getLogger(__name__)
-
-TRANSIENT_ERRORS = (
-    AutoReconnect,
-    ConnectionFailure,
-    ExecutionTimeout,
-    NetworkTimeout,
-    ServerSelectionTimeoutError,
-    WriteConcernError,
-)
 
 
 def _utc(value: datetime) -> datetime:
@@ -69,10 +52,8 @@ def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
+        with transient_as(TransientFailure):
             return await method(*args, **kwargs)
-        except TRANSIENT_ERRORS as error:
-            raise TransientFailure(f"MongoDB: {error}") from error
 
     return wrapper
 
@@ -87,9 +68,9 @@ def _reading(document: dict) -> Reading:  # type: ignore[type-arg]
 
 
 class MongoLedger:
-    """Readings and per-device daily buckets in MongoDB."""
+    """Readings and per-device 15-minute slots in MongoDB."""
 
-    def __init__(self, database: AsyncIOMotorDatabase) -> None:
+    def __init__(self, database: Database) -> None:
         self.database = database
         # A batch's last write, the readings insert, waits for the journal (j: true), which
         # holds the batch's earlier slot writes too: billing acks after it, and an ack must
@@ -104,22 +85,12 @@ class MongoLedger:
 
         On a replica set, the server's default write concern (majority) applies.
         """
-        timeout_ms = int(timeout_s * 1000)
-        client: AsyncIOMotorClient = AsyncIOMotorClient(
-            url,
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
-            tz_aware=True,
-        )
-        return cls(client[database])
+        return cls(connect(url, database, timeout_s))
 
     async def ensure_indexes(self) -> None:
-        try:
+        with transient_as(TransientFailure):
             await self.readings.create_index([("device_id", ASCENDING), ("timestamp", ASCENDING)])
             await self.device_slots.create_index([("device_id", ASCENDING), ("start", ASCENDING)])
-        except TRANSIENT_ERRORS as error:
-            raise TransientFailure(f"MongoDB: {error}") from error
 
     async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
         """Set each reading in its slot, then store the raw readings: a few round trips.
@@ -131,11 +102,9 @@ class MongoLedger:
         groups: dict[SlotKey, list[Reading]] = {}
         for reading in readings:
             groups.setdefault(SlotKey.of(reading), []).append(reading)
-        try:
+        with transient_as(TransientFailure):
             await set_in_slots(self.device_slots, groups)
             stored_before = await store_readings(self.readings, readings)
-        except TRANSIENT_ERRORS as error:
-            raise TransientFailure(f"MongoDB: {error}") from error
         new, seen = [], set(stored_before)
         for reading in readings:
             if reading.reading_id not in seen:
@@ -161,7 +130,7 @@ class MongoLedger:
         processes, gives the same result. Returns the number of slots rewritten.
         """
         migrated = 0
-        try:
+        with transient_as(TransientFailure):
             async for slot in self.device_slots.find({"reading_ids": {"$exists": True}}):
                 energy = {}
                 async for document in self.readings.find(
@@ -187,8 +156,6 @@ class MongoLedger:
                     },
                 )
                 migrated += 1
-        except TRANSIENT_ERRORS as error:
-            raise TransientFailure(f"MongoDB: {error}") from error
         if migrated:
             log.info("slots rewritten in the map layout", extra={"slots": migrated})
         return migrated
@@ -262,14 +229,12 @@ class StoredCatalog:
 class MongoCatalog:
     """The tariff catalog as loaded by ``make seed``: its YAML text, in one document."""
 
-    def __init__(self, database: AsyncIOMotorDatabase) -> None:
+    def __init__(self, database: Database) -> None:
         self._collection = database["catalog"]
 
     async def load(self) -> StoredCatalog | None:
-        try:
+        with transient_as(TransientFailure):
             document = await self._collection.find_one({"_id": "current"})
-        except TRANSIENT_ERRORS as error:
-            raise TransientFailure(f"MongoDB: {error}") from error
         if document is None:
             return None
         return StoredCatalog(document["yaml"], document["source"], _utc(document["loaded_at"]))

@@ -11,7 +11,7 @@
    written first, so a reading whose document exists is in its slot, and one whose slot
    write happened before a crash is still counted new when redelivered.
 
-Only pymongo here: motor stays in ``mongo.py``, which hands in its collections.
+Only pymongo here: ``common.mongo`` makes the client and ``mongo.py`` hands in its collections.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
 from billing_service.domain.ledger import SlotKey, Total, TransientFailure
 from common.models import Reading
+from common.mongo import Collection
 
-Collection = Any  # motor's AsyncIOMotorCollection, imported in mongo.py only
 DUPLICATE_KEY = 11000
 ENERGY_MAP = "milliwh"  # the slot document's map: reading key -> milliwatt-hours
 # Slot upserts per bulk write: each call stays well inside the socket timeout on the local

@@ -1,8 +1,9 @@
-"""Tariffs, accounts and devices: the billing catalog, read from a YAML file.
+"""Tariffs, accounts and devices: the billing catalog and its validation.
 
-Pure domain code; the only I/O is ``load_catalog`` reading its file. Money and prices are
-``Decimal``, read from YAML numbers' text, so 0.30 is exactly 0.30. Every
-error names the file, line and key path, e.g.
+Pure domain code: the YAML file is read by ``billing_service.adapters.catalog_file``, which
+hands the parsed mapping to ``Catalog.model_validate``. Money and prices are ``Decimal``,
+from the numbers' text, so 0.30 is exactly 0.30. Every error says the key path and what to
+change (``describe_problem``); the adapter adds the file and line, e.g.
 ``tariffs.yaml:14: tariffs[1].energy.bands[0].start: '07:10' is not a multiple of 15 minutes``.
 """
 
@@ -11,18 +12,15 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -373,75 +371,8 @@ def _unknown(what: str, value: str, known: dict[str, Any]) -> str:
     return f"unknown {what} {value!r}; known: {', '.join(map(repr, known)) or 'none'}"
 
 
-def load_catalog(path: Path) -> Catalog:
-    """Read and validate the catalog file; CatalogError if it is unreadable or invalid."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CatalogError(f"{path}: cannot read the tariff catalog: {error}") from None
-    return parse_catalog(text, str(path))
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps numbers as their text.
-
-    Prices become Decimals exactly as written (0.30 stays 0.30, no binary float on the way),
-    an id may be 1001, and 17:00 stays a time instead of YAML 1.1's base-60 integer 1020.
-    """
-
-    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-        tag = super().resolve(kind, value, implicit)
-        if kind is yaml.ScalarNode and tag.endswith((":int", ":float")):
-            return "tag:yaml.org,2002:str"
-        return tag
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # PyYAML silently keeps the last of two equal keys; a catalog must not.
-        seen: dict[Any, int] = {}
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"{key.value!r} is given twice in this mapping "
-                    f"(also line {seen[key.value]}); keep one",
-                    key.start_mark,
-                )
-            seen[key.value] = key.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def parse_catalog(text: str, source: str) -> Catalog:
-    """Validate catalog YAML; ``source`` names it in errors (a file path)."""
-    loader: _Loader | None = None
-    try:
-        loader = _Loader(text)
-        root = loader.get_single_node()
-        if root is None:
-            raise CatalogError(
-                f"{source}:1: the file is empty; it needs default_tariff and tariffs"
-            )
-        data = loader.construct_document(root)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"{mark.line + 1}: invalid YAML at column {mark.column + 1}" if mark else "1"
-        context = f" ({error.context})" if error.context else ""
-        raise CatalogError(f"{source}:{where}: {error.problem}{context}") from None
-    except yaml.YAMLError as error:  # e.g. a control character: no mark, but a position
-        line = text.count("\n", 0, getattr(error, "position", 0)) + 1
-        raise CatalogError(f"{source}:{line}: invalid YAML: {str(error).splitlines()[0]}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    try:
-        return Catalog.model_validate(data)
-    except ValidationError as error:
-        problems = [_describe(problem, root, source) for problem in error.errors()]
-        raise CatalogError("\n".join(problems)) from None
-
-
-def _describe(problem: Any, root: yaml.Node, source: str) -> str:
-    """One pydantic error as '<source>:<line>: <key path>: <what to change>'."""
+def describe_problem(problem: Any) -> tuple[tuple[str | int, ...], str]:
+    """One pydantic error of ``Catalog.model_validate``: where (a key path) and what to change."""
     loc, kind, cause = tuple(problem["loc"]), problem["type"], problem.get("ctx", {}).get("error")
     if isinstance(cause, _At):
         loc, message = loc + cause.loc, cause.message
@@ -460,32 +391,12 @@ def _describe(problem: Any, root: yaml.Node, source: str) -> str:
         shown = " (got nothing)" if value is None else f" (got {str(value)[:40]!r})"
         shown = "" if isinstance(value, dict | list) else shown
         message = f"{problem['msg']}{shown}"
-    line, path = _locate(root, loc)
-    return f"{source}:{line}: {path or '(top level)'}: {message}"
+    return loc, message
 
 
-def _locate(node: yaml.Node, loc: tuple[str | int, ...]) -> tuple[int, str]:
-    """Walk the YAML tree along a pydantic location: its line and its path as written.
-
-    A mapping's line is its key's; a missing key's is its enclosing mapping's. Pydantic
-    adds a discriminated union's tag ('time_of_use') to the location; it is not in the YAML.
-    """
-    line, shown = node.start_mark.line + 1, []
-    current: yaml.Node | None = node
-    for part in loc:
-        if isinstance(current, yaml.SequenceNode) and isinstance(part, int):
-            current = current.value[part] if 0 <= part < len(current.value) else None
-            line = current.start_mark.line + 1 if current else line
-        elif isinstance(current, yaml.MappingNode):
-            entries = {key.value: (key, value) for key, value in current.value}
-            if part not in entries and getattr(entries.get("kind", (0, 0))[1], "value", 0) == part:
-                continue
-            key, current = entries.get(part, (None, None))
-            line = key.start_mark.line + 1 if key else line
-        else:
-            current = None
-        shown.append(part)
-    return line, _path(tuple(shown))
+def key_path(loc: tuple[str | int, ...]) -> str:
+    """('tariffs', 1, 'energy') -> 'tariffs[1].energy'."""
+    return _path(loc)
 
 
 def _path(loc: tuple[str | int, ...]) -> str:

@@ -17,11 +17,11 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
+from billing_service.adapters.catalog_file import parse_catalog
 from billing_service.adapters.mongo import MongoCatalog
 from billing_service.app import BillingApp
 from billing_service.domain.bill import compute_bill, period_of_month
 from billing_service.domain.ledger import SlotKey
-from billing_service.domain.tariff import parse_catalog
 from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.messages import encode_reading
 from common.models import Reading, validate_reading

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing_service.adapters.catalog_file import load_catalog
 from billing_service.domain.bill import (
     Bill,
     Period,
@@ -26,7 +27,7 @@ from billing_service.domain.bill import (
     period_of_month,
 )
 from billing_service.domain.ledger import slot_start
-from billing_service.domain.tariff import Tariff, load_catalog, minor_units
+from billing_service.domain.tariff import Tariff, minor_units
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[2] / "deployments" / "tariffs.yaml")
 STANDARD = CATALOG.tariff("standard")  # EUR Berlin, 0.32/kWh, 0.45/day, tax 19%

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from billing_service.adapters.catalog_file import load_catalog, parse_catalog
 from billing_service.domain.tariff import (
     CatalogError,
     FlatEnergy,
     TieredEnergy,
     TimeOfUseEnergy,
-    load_catalog,
     minor_units,
-    parse_catalog,
 )
 
 SAMPLE = Path(__file__).resolve().parents[2] / "deployments" / "tariffs.yaml"
