@@ -6,7 +6,7 @@ tally when Prometheus scrapes; only the top-N carries a device_id label, N serie
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
@@ -39,12 +39,13 @@ class AnalyticsHandler:
         )
         _replace_collector(TopConsumers(tally, top_n))
 
-    async def __call__(self, reading: Reading) -> None:
-        if self._tally.record(reading):
-            READINGS.inc()
-            ENERGY.inc(reading.usage_kwh)
-        else:
-            DUPLICATES.inc()
+    async def __call__(self, readings: Sequence[Reading]) -> None:
+        for reading in readings:
+            if self._tally.record(reading):
+                READINGS.inc()
+                ENERGY.inc(reading.usage_kwh)
+            else:
+                DUPLICATES.inc()
 
 
 class TopConsumers(Collector):

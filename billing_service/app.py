@@ -7,8 +7,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
-
 from billing_service.adapters.faults import FaultyLedger
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
 from billing_service.adapters.redis import RedisCache
@@ -22,6 +20,7 @@ from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.grpc_server import GrpcServer, run_until_terminated
 from common.metrics import serve_metrics
 from common.rabbit import Topology
+from common.retry import WAIT_FOR_DEPENDENCY, retrying
 from common.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,6 @@ class BillingApp:
             self.handler,
             settings.prefetch,
             settings.limits,
-            batch_handler=self.handler.handle_batch,
             batch_size=settings.batch_size,
             batch_linger_s=settings.batch_linger_s,
         )
@@ -75,15 +73,12 @@ class BillingApp:
         self.port = 0
 
     async def start(self) -> None:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientFailure),
-            wait=wait_exponential(multiplier=0.5, max=10),
-            before_sleep=lambda state: log.warning("MongoDB not reachable, retrying"),
-        ):
-            with attempt:
-                await self.ledger.ensure_indexes()
-                await self.ledger.migrate_layout()
-                await self.catalog.refresh()
+        await retrying(
+            self._prepare_store,
+            operation="mongodb_prepare",
+            policy=WAIT_FOR_DEPENDENCY,
+            retry_on=(TransientFailure,),
+        )
         await self.consumer.start()
         self._background = [
             asyncio.create_task(self.handler.refresh_stale()),
@@ -93,6 +88,11 @@ class BillingApp:
             self.settings.host, self.settings.port, server_credentials(self.settings)
         )
         log.info("billing consuming", extra={"port": self.port})
+
+    async def _prepare_store(self) -> None:
+        await self.ledger.ensure_indexes()
+        await self.ledger.migrate_layout()
+        await self.catalog.refresh()
 
     async def stop(self) -> None:
         """NOT_SERVING and no new deliveries at once; in-flight reads and writes get the grace."""

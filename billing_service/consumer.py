@@ -14,10 +14,10 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 
 from prometheus_client import Counter, Gauge
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from billing_service.domain.ledger import Cache, Ledger, SlotKey, TransientFailure
 from common.models import Reading
+from common.retry import UNTIL_IT_SUCCEEDS, RetryPolicy, retrying
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,16 @@ CACHE_STALE = Gauge(
 )
 
 
+# Retried within cache_retry_s, then the slots are marked by the refresher instead.
+CACHE_DOWN = RetryPolicy(0.1, 1.0, UNTIL_IT_SUCCEEDS)
+
+
 class BillingHandler:
     """Records each reading exactly once and keeps the Redis snapshots in step.
 
-    ``handle_batch`` is the consumer's batch handler; calling the handler with one reading
-    is the same for a batch of one (the consumer's path for a batch that failed oddly).
+    The consumer calls it with a batch; it returns once MongoDB holds the batch. While
+    MongoDB is down it waits (UNTIL_IT_SUCCEEDS, counted in billing_store_retries_total):
+    the one deliberate unbounded wait, so that nothing is acked before it is written.
     """
 
     def __init__(
@@ -54,24 +59,23 @@ class BillingHandler:
         self._ledger = ledger
         self._is_registered = is_registered
         self._cache = cache
-        self._retry_max_delay_s = retry_max_delay_s
+        self._store_down = RetryPolicy(0.2, retry_max_delay_s, UNTIL_IT_SUCCEEDS)
         self._cache_retry_s = cache_retry_s
         self._stale: set[SlotKey] = set()
         CACHE_STALE.set_function(lambda: len(self._stale))
 
-    async def __call__(self, reading: Reading) -> None:
-        await self.handle_batch([reading])
-
-    async def handle_batch(self, readings: Sequence[Reading]) -> None:
-        recorded = None
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientFailure),
-            wait=wait_random_exponential(multiplier=0.2, max=self._retry_max_delay_s),
-            before_sleep=_log_retry(readings),
-        ):
-            with attempt:
-                recorded = await self._ledger.record_batch(readings)
-        assert recorded is not None
+    async def __call__(self, readings: Sequence[Reading]) -> None:
+        recorded = await retrying(
+            lambda: self._ledger.record_batch(readings),
+            operation="billing_store",
+            policy=self._store_down,
+            retry_on=(TransientFailure,),
+            on_retry=RETRIES.inc,
+            context={
+                "readings": len(readings),
+                "first_reading_id": readings[0].reading_id if readings else "",
+            },
+        )
         BILLED.inc(len(recorded.new))
         DUPLICATES.inc(recorded.duplicates)
         devices = {reading.device_id for reading in recorded.new}
@@ -88,13 +92,13 @@ class BillingHandler:
             self._stale.update(slots)
             return
         try:
-            async with asyncio.timeout(self._cache_retry_s):
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(TransientFailure),
-                    wait=wait_random_exponential(multiplier=0.1, max=1.0),
-                ):
-                    with attempt:
-                        await self._cache.mark_changed(slots, latest)
+            async with asyncio.timeout(self._cache_retry_s):  # the bound: then deferred
+                await retrying(
+                    lambda: self._cache.mark_changed(slots, latest),
+                    operation="billing_cache",
+                    policy=CACHE_DOWN,
+                    retry_on=(TransientFailure,),
+                )
         except (TransientFailure, TimeoutError) as error:
             log.warning(
                 "Redis update deferred; MongoDB holds the readings",
@@ -138,19 +142,3 @@ def _latest_by_device(readings: Sequence[Reading]) -> list[Reading]:
         ):
             latest[reading.device_id] = reading
     return list(latest.values())
-
-
-def _log_retry(readings: Sequence[Reading]) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        RETRIES.inc()
-        log.warning(
-            "store unavailable, retrying",
-            extra={
-                "readings": len(readings),
-                "first_reading_id": readings[0].reading_id if readings else "",
-                "attempt": state.attempt_number,
-                "error": str(state.outcome.exception()) if state.outcome else "",
-            },
-        )
-
-    return before_sleep

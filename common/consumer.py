@@ -2,20 +2,23 @@
 
 Deliveries are gathered into batches: ``batch_size`` of them, or whatever has arrived
 ``batch_linger_s`` after the first, whichever comes first. Batches are handled one at a
-time, in delivery order:
-- poison messages (unparseable or invalid): published to the dead-letter exchange with the
-  reason in the ``x-rejection-reason`` header, confirmed, then acked, one by one; they do
-  not hold back the good readings of their batch;
-- the good readings go to the batch handler together (for billing: a few bulk MongoDB
-  writes); once it has returned, one ``ack(multiple=True)`` on the last of them acks them
-  all. That is exact because every earlier delivery on the channel is settled by then:
-  the batches before were settled in full, and this batch's poison messages just were;
-- anything else unexpected: logged once, and the batch is handled again one reading at a
-  time, so that only the readings that fail are requeued; the quorum queue's delivery
-  limit moves one that keeps failing to the dead-letter queue instead of looping.
+time, in delivery order, and every delivery ends in one outcome, which one table (``_settle``)
+turns into broker actions:
+- ``DeadLetter(reason)``, a poison message (unparseable or invalid): published to the
+  dead-letter exchange with the reason in the ``x-rejection-reason`` header, confirmed,
+  then acked, one by one, before the batch's good readings are handled, so they do not
+  hold them back;
+- ``Ack``: the handler returned for the batch's good readings (for billing: once MongoDB
+  holds them), and one ``ack(multiple=True)`` on the last of them acks them all. That is
+  exact because every earlier delivery on the channel is settled by then: the batches
+  before were settled in full, and this batch's other outcomes are settled first;
+- ``Requeue``: anything else unexpected. It is logged once, the batch is handled again one
+  reading at a time, and only the readings that fail again are requeued; the quorum
+  queue's delivery limit moves one that keeps failing to the dead-letter queue instead of
+  looping.
 
-Transient failures (a database down) are the handler's to retry: a requeue would count
-towards the delivery limit and could dead-letter a good reading.
+Transient failures (a database down) are the handler's to wait out (``common.retry``): a
+requeue would count towards the delivery limit and could dead-letter a good reading.
 
 Stopping (SIGTERM) cancels the consumer first, lets the deliveries already received be
 handled and acked within the grace period, and leaves the rest unacked (not handled by
@@ -83,8 +86,30 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
 
-Handler = Callable[[Reading], Awaitable[None]]
+# Handles a batch of valid readings; returns once they may be acked, raises if they may not.
 BatchHandler = Callable[[Sequence[Reading]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Handled: acknowledge."""
+
+    reading: Reading
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Poison: to the dead-letter queue with ``reason``, then acknowledge."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Failed unexpectedly: back to the queue (its delivery limit ends a loop)."""
+
+
+Outcome = Ack | DeadLetter | Requeue
 
 
 @dataclass(eq=False)
@@ -97,9 +122,8 @@ class _Delivery:
 class ReadingConsumer:
     """Consumes one queue with manual acks and a prefetch window, a batch at a time.
 
-    ``handler`` handles one reading; ``batch_handler``, when given, a whole batch at once
-    (``handler`` then serves only to retry a failed batch reading by reading). Without it,
-    the readings of a batch go to ``handler`` one after the other.
+    ``handler`` handles the valid readings of a batch together; after an unexpected
+    failure it is called again with one reading at a time.
     """
 
     def __init__(
@@ -108,11 +132,10 @@ class ReadingConsumer:
         url: str,
         topology: Topology,
         queue_name: str,
-        handler: Handler,
+        handler: BatchHandler,
         prefetch: int,
         limits: Limits,
         *,
-        batch_handler: BatchHandler | None = None,
         batch_size: int | None = None,
         batch_linger_s: float = 0.0,
     ) -> None:
@@ -121,7 +144,6 @@ class ReadingConsumer:
         self._topology = topology
         self._queue_name = queue_name
         self._handler = handler
-        self._batch_handler = batch_handler
         self._prefetch = prefetch
         # More than the prefetch window could never fill: the broker stops delivering.
         self._batch_size = max(1, min(batch_size or prefetch, prefetch))
@@ -245,58 +267,78 @@ class ReadingConsumer:
     async def _handle(self, batch: list[_Delivery]) -> None:
         self._batch_sizes.observe(len(batch))
         now = datetime.now(UTC)
+        poison: list[tuple[_Delivery, Outcome]] = []
         good: list[tuple[_Delivery, Reading]] = []
         for delivery in batch:
             try:
                 reading = decode_reading(delivery.message.body, now=now, limits=self._limits)
             except PoisonMessage as error:
-                await self._dead_letter(delivery, str(error))
+                poison.append((delivery, DeadLetter(str(error))))
             else:
                 good.append((delivery, reading))
-        if not good:
-            return
-        if self._batch_handler is None:
-            handled, failed = await self._one_by_one(good)
-        else:
-            try:
-                await self._batch_handler([reading for _, reading in good])
-            except Exception:
-                log.exception(
-                    "unexpected failure handling a batch; handling it reading by reading",
-                    extra={"queue": self._queue_name, "batch": len(good)},
-                )
-                handled, failed = await self._one_by_one(good)
-            else:
-                handled, failed = good, []
-        await self._requeue(failed)  # settled first: the ack below must not cover them
-        await self._ack(handled)
+        await self._settle(poison)
+        if good:
+            await self._settle(await self._handled(good))
 
-    async def _one_by_one(
+    async def _handled(
         self, good: list[tuple[_Delivery, Reading]]
-    ) -> tuple[list[tuple[_Delivery, Reading]], list[_Delivery]]:
-        handled, failed = [], []
+    ) -> list[tuple[_Delivery, Outcome]]:
+        """Ack for all when the handler takes the batch; else reading by reading."""
+        try:
+            await self._handler([reading for _, reading in good])
+        except Exception:
+            log.exception(
+                "unexpected failure handling a batch; handling it reading by reading",
+                extra={"queue": self._queue_name, "batch": len(good)},
+            )
+        else:
+            return [(delivery, Ack(reading)) for delivery, reading in good]
+        outcomes: list[tuple[_Delivery, Outcome]] = []
         for delivery, reading in good:
             try:
-                await self._handler(reading)
+                await self._handler([reading])
             except Exception:
                 log.exception(
                     "unexpected failure handling a message; requeueing it",
                     extra={"message_id": delivery.message.message_id, "queue": self._queue_name},
                 )
-                failed.append(delivery)
+                outcomes.append((delivery, Requeue()))
             else:
-                handled.append((delivery, reading))
-        return handled, failed
+                outcomes.append((delivery, Ack(reading)))
+        return outcomes
 
-    async def _ack(self, handled: list[tuple[_Delivery, Reading]]) -> None:
+    async def _settle(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
+        """The acknowledgement policy: each outcome's broker action, in ``SETTLE`` order."""
+        for kind, settle in (
+            (DeadLetter, self._dead_letter_all),
+            (Requeue, self._requeue_all),
+            (Ack, self._ack),  # last: its ack(multiple=True) must not cover the others
+        ):
+            chosen = [(d, o) for d, o in outcomes if isinstance(o, kind)]
+            if chosen:
+                await settle(chosen)
+
+    async def _dead_letter_all(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
+        for delivery, outcome in outcomes:
+            assert isinstance(outcome, DeadLetter)
+            await self._dead_letter(delivery, outcome.reason)
+
+    async def _requeue_all(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
+        await self._requeue([delivery for delivery, _ in outcomes])
+
+    async def _ack(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
         """One ``ack(multiple=True)`` on the last delivery of each channel: one channel,
         unless the connection was re-established during the batch."""
         by_channel: dict[int, list[_Delivery]] = {}
         acked = 0
-        for delivery, _ in handled:
+        for delivery, _ in outcomes:
             try:
                 channel = delivery.message.channel
             except Exception:  # closed: the broker took the delivery back and redelivers it
+                log.info(
+                    "channel closed before the ack; the broker redelivers",
+                    extra={"message_id": delivery.message.message_id},
+                )
                 continue
             by_channel.setdefault(id(channel), []).append(delivery)
         for deliveries in by_channel.values():
@@ -308,20 +350,21 @@ class ReadingConsumer:
             else:
                 acked += len(deliveries)
         finished, now = time.monotonic(), datetime.now(UTC)
-        for delivery, reading in handled:
+        for delivery, outcome in outcomes:
+            assert isinstance(outcome, Ack)
             self._processing.observe(finished - delivery.received)
-            self._lag.observe((now - reading.timestamp).total_seconds())
-        self._settle([delivery for delivery, _ in handled])
+            self._lag.observe((now - outcome.reading.timestamp).total_seconds())
+        self._settle_deliveries([delivery for delivery, _ in outcomes])
         self._outcomes["acked"].inc(acked)
-        self._outcomes["requeued"].inc(len(handled) - acked)
+        self._outcomes["requeued"].inc(len(outcomes) - acked)
 
     async def _requeue(self, deliveries: list[_Delivery]) -> None:
         for delivery in deliveries:
             await _requeue(delivery.message)
-        self._settle(deliveries)
+        self._settle_deliveries(deliveries)
         self._outcomes["requeued"].inc(len(deliveries))
 
-    def _settle(self, deliveries: list[_Delivery]) -> None:
+    def _settle_deliveries(self, deliveries: list[_Delivery]) -> None:
         for delivery in deliveries:
             if not delivery.settled:
                 delivery.settled = True
@@ -349,7 +392,7 @@ class ReadingConsumer:
             await message.ack()
         except Exception:  # channel gone: redelivered, and dead-lettered again
             log.warning("could not ack a dead letter; the broker will redeliver", exc_info=True)
-        self._settle([delivery])
+        self._settle_deliveries([delivery])
         self._outcomes["dead_lettered"].inc()
         self._processing.observe(time.monotonic() - delivery.received)
 

@@ -21,7 +21,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from common.retry import WAIT_FOR_DEPENDENCY, retrying
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +120,11 @@ async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
 
 
 async def connect(url: str) -> AbstractRobustConnection:
-    """A robust connection (it reconnects by itself), retried with backoff until it is up."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((OSError, AMQPError, asyncio.TimeoutError)),
-        wait=wait_exponential(multiplier=0.5, max=10),
-        before_sleep=lambda state: log.warning(
-            "RabbitMQ not reachable, retrying",
-            extra={"attempt": state.attempt_number, "error": repr(state.outcome.exception())},
-        ),
-    ):
-        with attempt:
-            return await aio_pika.connect_robust(url, timeout=5)
-    raise AssertionError("unreachable: AsyncRetrying retries forever")
+    """A robust connection (it reconnects by itself), retried with backoff until it is up:
+    a service waits at start for the broker it cannot work without."""
+    return await retrying(
+        lambda: aio_pika.connect_robust(url, timeout=5),
+        operation="rabbitmq_connect",
+        policy=WAIT_FOR_DEPENDENCY,
+        retry_on=(OSError, AMQPError, asyncio.TimeoutError),
+    )

@@ -139,7 +139,7 @@ class MemoryCache:
 async def test_a_transient_ledger_failure_is_retried_until_it_succeeds(ledger: MongoLedger) -> None:
     flaky, cache = FlakyLedger(ledger, failures=3), MemoryCache()
     handler = BillingHandler(flaky, cache, retry_max_delay_s=0.01, cache_retry_s=1)
-    await handler(reading(1))
+    await handler([reading(1)])
     assert flaky.calls == 4
     assert cache.changed == {SlotKey.of(reading(1))}
     assert await ledger.slot_total(SlotKey.of(reading(1))) == Total(1, 500_000)
@@ -149,10 +149,10 @@ async def test_redis_down_defers_the_cache_and_billing_goes_on(ledger: MongoLedg
     cache = MemoryCache()
     cache.down = True
     handler = BillingHandler(ledger, cache, retry_max_delay_s=0.01, cache_retry_s=0.05)
-    await handler(reading(1))
+    await handler([reading(1)])
     attempts_while_down = cache.attempts
     assert attempts_while_down >= 1
-    await handler(reading(2))
+    await handler([reading(2)])
     assert cache.attempts == attempts_while_down, "a known outage is not retried per reading"
     assert await ledger.slot_total(SlotKey.of(reading(1))) == Total(2, 1_000_000)
     assert cache.changed == set()
