@@ -1,11 +1,14 @@
-"""energy.v1.Gateway: validation, batching, and upstream errors → gRPC status."""
+"""energy.v1.Gateway: validation, batching, and upstream errors → gRPC status.
+
+Who calls is settled before a handler runs (``api_gateway.identity``); the read RPCs are
+rows of ``api_gateway.reads.READS``.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 import grpc
 from prometheus_client import Counter
@@ -20,8 +23,11 @@ from api_gateway.adapters.credentials import (
 from api_gateway.adapters.ingestion import IngestionClient
 from api_gateway.auth import Principal
 from api_gateway.guard import Guard
+from api_gateway.identity import caller
+from api_gateway.reads import READS, ReadForwarder
+from api_gateway.upstream import abort_upstream_failure
 from common.convert import reading_from_proto
-from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc
+from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
 from common.models import ID_PATTERN, ID_RULE, InvalidReading, Limits, Reading
 
 log = logging.getLogger(__name__)
@@ -46,17 +52,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         max_stream_readings: int,
     ) -> None:
         self._ingestion = ingestion
-        self._billing = billing
         self._guard = guard
         self._limits = limits
         self._batch_size = batch_size
         self._max_reported_rejections = max_reported_rejections
         self._max_stream_readings = max_stream_readings
+        reads = ReadForwarder(billing, guard)
+        for read in READS:  # shadows the generated base's UNIMPLEMENTED method
+            setattr(self, read.method, reads.handler(read))
 
     async def SendReading(
         self, request: gateway_pb2.SendReadingRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SendReadingResponse:
-        principal = await self._guard.caller(context)
+        principal = caller()
         try:
             reading = self._validate(request)
         except InvalidReading as error:
@@ -71,7 +79,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request_iterator: AsyncIterator[gateway_pb2.SendReadingRequest],
         context: grpc.aio.ServicerContext,
     ) -> gateway_pb2.SendReadingsResponse:
-        principal = await self._guard.caller(context)
+        principal = caller()
         response = gateway_pb2.SendReadingsResponse()
         rejected_count = 0
         batch: list[Reading] = []
@@ -135,65 +143,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             await self._ingestion.publish(readings)
         except grpc.aio.AioRpcError as error:
-            code = error.code()
-            details = error.details() or code.name
-            if code == grpc.StatusCode.UNAVAILABLE and "RabbitMQ" not in details:
-                details = f"ingestion service unreachable ({details}); retry shortly"
-            if accepted_before is not None:
-                details += _accepted_note(accepted_before)
-            log.warning("forward to ingestion failed", extra={"code": code.name, "error": details})
-            await context.abort(code, details)
+            note = _accepted_note(accepted_before) if accepted_before is not None else ""
+            await abort_upstream_failure(context, "ingestion", error, note, log_failure=True)
         READINGS_ACCEPTED.inc(len(readings))
-
-    async def GetLatestReading(
-        self, request: billing_pb2.GetLatestReadingRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.GetLatestReadingResponse:
-        principal = await self._guard.caller(context)
-        await self._guard.require_device(principal, request.device_id, context)
-        return await self._ask_billing("GetLatestReading", request, context)
-
-    async def GetDeviceBill(
-        self, request: billing_pb2.GetDeviceBillRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.GetDeviceBillResponse:
-        principal = await self._guard.caller(context)
-        await self._guard.require_device(principal, request.device_id, context)
-        return await self._ask_billing("GetDeviceBill", request, context)
-
-    async def GetAccountBill(
-        self, request: billing_pb2.GetAccountBillRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.GetAccountBillResponse:
-        principal = await self._guard.caller(context)
-        if not (principal.admin or principal.unchecked):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "account bills need the admin token"
-            )
-        return await self._ask_billing("GetAccountBill", request, context)
-
-    async def GetUsage(
-        self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.GetUsageResponse:
-        principal = await self._guard.caller(context)
-        await self._guard.require_device(principal, request.device_id, context)
-        return await self._ask_billing("GetUsage", request, context)
-
-    async def ListReadings(
-        self, request: billing_pb2.ListReadingsRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.ListReadingsResponse:
-        principal = await self._guard.caller(context)
-        await self._guard.require_device(principal, request.device_id, context)
-        return await self._ask_billing("ListReadings", request, context)
-
-    async def _ask_billing(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
-        """Forward a read RPC to billing_service; its status and message reach the caller."""
-        try:
-            return await self._billing.call(method, request)
-        except grpc.aio.AioRpcError as error:
-            code, details = error.code(), error.details() or error.code().name
-            if code == grpc.StatusCode.UNAVAILABLE:
-                details = f"billing service unreachable ({details}); retry shortly"
-            await context.abort(code, details)
+        # Debug only: readings come thousands a second; failures are warnings.
+        log.debug(
+            "forwarded",
+            extra={"readings": len(readings), "first_reading_id": readings[0].reading_id},
+        )
 
 
 def _accepted_note(accepted: int) -> str:
@@ -204,10 +161,10 @@ def _accepted_note(accepted: int) -> str:
 
 
 class DeviceAdminServicer(gateway_pb2_grpc.DeviceAdminServicer):
-    """Issue, rotate and revoke device tokens; every call needs the admin token."""
+    """Issue, rotate and revoke device tokens; every call needs the admin token, which
+    ``api_gateway.identity.AuthInterceptor`` checks before a handler runs."""
 
-    def __init__(self, guard: Guard, store: MongoCredentialStore) -> None:
-        self._guard = guard
+    def __init__(self, store: MongoCredentialStore) -> None:
         self._store = store
 
     async def RegisterDevice(
@@ -254,7 +211,6 @@ class DeviceAdminServicer(gateway_pb2_grpc.DeviceAdminServicer):
         return gateway_pb2.RevokeDeviceResponse(device_id=request.device_id)
 
     async def _checked(self, device_id: str, context: grpc.aio.ServicerContext) -> None:
-        await self._guard.require_admin(context)
         if not ID_PATTERN.fullmatch(device_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"device_id: {device_id[:64]!r}: use {ID_RULE}"

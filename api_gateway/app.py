@@ -12,6 +12,7 @@ from api_gateway.adapters.ingestion import IngestionClient
 from api_gateway.api import DeviceAdminServicer, GatewayServicer
 from api_gateway.auth import Authenticator
 from api_gateway.guard import Guard
+from api_gateway.identity import ADMIN_TOKEN, ANY_TOKEN, AuthInterceptor
 from api_gateway.ratelimit import RedisRateLimiter
 from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
@@ -34,12 +35,6 @@ class GatewayApp:
         )
         self.billing = BillingClient(
             settings.billing_addr, settings.billing_timeout_s, tls=settings
-        )
-        self.grpc = GrpcServer(
-            [SERVICE_NAME, ADMIN_SERVICE_NAME],
-            max_message_bytes=settings.max_message_bytes,
-            max_concurrent_rpcs=settings.max_concurrent_rpcs,
-            max_concurrent_streams=settings.max_concurrent_streams,
         )
         self.credentials = MongoCredentialStore.connect(
             settings.mongodb_url,
@@ -65,6 +60,17 @@ class GatewayApp:
             limiter,
             settings.rate_limits,
         )
+        # Every Gateway call needs a token (device or admin), every DeviceAdmin call the
+        # admin's; health and reflection need none.
+        auth = AuthInterceptor(guard, {SERVICE_NAME: ANY_TOKEN, ADMIN_SERVICE_NAME: ADMIN_TOKEN})
+        self.grpc = GrpcServer(
+            [SERVICE_NAME, ADMIN_SERVICE_NAME],
+            max_message_bytes=settings.max_message_bytes,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_concurrent_streams=settings.max_concurrent_streams,
+            interceptors=[auth],
+            echo_request_id=True,  # the public edge: callers learn the id they can quote
+        )
         servicer = GatewayServicer(
             self.ingestion,
             self.billing,
@@ -76,7 +82,7 @@ class GatewayApp:
         )
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, self.grpc.server)
         gateway_pb2_grpc.add_DeviceAdminServicer_to_server(
-            DeviceAdminServicer(guard, self.credentials), self.grpc.server
+            DeviceAdminServicer(self.credentials), self.grpc.server
         )
         self.port = 0
 

@@ -7,13 +7,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.interceptors import RequestIdInterceptor
 from common.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,17 @@ class GrpcServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_concurrent_rpcs: int | None = None,
         max_concurrent_streams: int | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        echo_request_id: bool = False,
     ):
+        """``interceptors`` run inside the metrics and request-id ones, so they see the id
+        and their refusals are counted; ``echo_request_id`` returns it to the caller."""
         self.server = grpc.aio.server(
-            interceptors=[MetricsInterceptor()],
+            interceptors=[
+                MetricsInterceptor(),
+                RequestIdInterceptor(echo=echo_request_id),
+                *interceptors,
+            ],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

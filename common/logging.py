@@ -8,6 +8,8 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from common.request_id import RequestIdLogFilter
+
 # The attributes every LogRecord has; the others came from extra= (reading_id, ...).
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
@@ -39,6 +41,9 @@ def configure_logging(service: str, level: str = "INFO", log_format: str = "json
                 timestamp=False,
             )
         )
+    # On the handler, not the root logger: a logger's filters skip records propagated
+    # from its children, a handler's see them all.
+    handler.addFilter(RequestIdLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

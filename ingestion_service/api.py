@@ -1,4 +1,4 @@
-"""energy.v1.Ingestion: proto → domain, publish, broker errors → gRPC status."""
+"""energy.v1.Ingestion: proto → domain, publish, broker errors → gRPC status and reason."""
 
 from __future__ import annotations
 
@@ -9,15 +9,29 @@ import grpc
 
 from common.convert import reading_from_proto
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
+from common.errors import Reason, abort_with_reason
 from common.models import InvalidReading, Limits
 from ingestion_service.adapters.rabbit import (
+    BrokerBlocked,
     BrokerRefused,
     BrokerUnavailable,
     ConfirmTimeout,
+    NoQueueBound,
     RabbitPublisher,
 )
 
 log = logging.getLogger(__name__)
+
+# Each broker failure's status and reason code, most specific class first (the first
+# match wins): the gateway decides from the reason, the caller reads the message.
+BROKER_ERRORS: tuple[tuple[type[Exception], grpc.StatusCode, Reason], ...] = (
+    (BrokerBlocked, grpc.StatusCode.UNAVAILABLE, Reason.BROKER_BLOCKED),
+    (BrokerUnavailable, grpc.StatusCode.UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
+    (ConfirmTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, Reason.CONFIRM_TIMEOUT),
+    (NoQueueBound, grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_QUEUE_BOUND),
+    (BrokerRefused, grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),
+)
+_BROKER_ERROR_TYPES = tuple(kind for kind, _, _ in BROKER_ERRORS)
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
@@ -37,15 +51,23 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
                 for message in request.readings
             ]
         except InvalidReading as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await abort_with_reason(
+                context, grpc.StatusCode.INVALID_ARGUMENT, str(error), Reason.INVALID_READING
+            )
         if not readings:
             return ingestion_pb2.PublishResponse(published=0)
         try:
             await self._publisher.publish(readings)
-        except BrokerUnavailable as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        except ConfirmTimeout as error:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
-        except BrokerRefused as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except _BROKER_ERROR_TYPES as error:
+            code, reason = next((c, r) for kind, c, r in BROKER_ERRORS if isinstance(error, kind))
+            log.warning(
+                "publish failed",
+                extra={"reason": reason.value, "readings": len(readings), "error": str(error)},
+            )
+            await abort_with_reason(context, code, str(error), reason)
+        # Debug only: calls come thousands a second; the failures above are warnings.
+        log.debug(
+            "published",
+            extra={"readings": len(readings), "first_reading_id": readings[0].reading_id},
+        )
         return ingestion_pb2.PublishResponse(published=len(readings))

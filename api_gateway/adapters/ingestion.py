@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.convert import reading_to_proto
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
+from common.interceptors import request_id_client_interceptors
 from common.metrics import ClientMetricsInterceptor
 from common.models import Reading
 from common.tls import InternalClientTlsSettings, client_channel
@@ -15,7 +16,9 @@ class IngestionClient:
     def __init__(
         self, address: str, timeout_s: float, tls: InternalClientTlsSettings | None = None
     ) -> None:
-        self._channel = client_channel(address, tls, [ClientMetricsInterceptor()])
+        self._channel = client_channel(
+            address, tls, [*request_id_client_interceptors(), ClientMetricsInterceptor()]
+        )
         self._stub = ingestion_pb2_grpc.IngestionStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -17,6 +17,7 @@ from common.messages import CONTENT_TYPE, encode_reading
 from common.metrics import LATENCY_BUCKETS_S
 from common.models import Reading
 from common.rabbit import ROUTING_KEY, Topology, connect, declare_topology
+from common.request_id import message_headers
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class BrokerUnavailable(Exception):
 
 class BrokerRefused(Exception):
     """RabbitMQ refused a message (queue full, or no queue bound); nothing was accepted."""
+
+
+class NoQueueBound(BrokerRefused):
+    """RabbitMQ returned a message as unroutable: no queue is bound for the readings."""
 
 
 class ConfirmTimeout(Exception):
@@ -111,7 +116,8 @@ class RabbitPublisher:
             PUBLISH_FAILURES.labels("blocked").inc()
             raise BrokerBlocked(BLOCKED_MESSAGE)
         exchange = self._exchange
-        messages = [_message(reading) for reading in readings]
+        headers = message_headers()
+        messages = [_message(reading, headers) for reading in readings]
         started = time.perf_counter()
         try:
             await self._confirmed(
@@ -131,7 +137,7 @@ class RabbitPublisher:
             ) from None
         except PublishError as error:  # returned: no queue bound to the routing key
             PUBLISH_FAILURES.labels("unroutable").inc()
-            raise BrokerRefused(f"no queue is bound for the readings: {error}") from None
+            raise NoQueueBound(f"no queue is bound for the readings: {error}") from None
         except DeliveryError as error:  # nacked: queue full or broker alarm
             PUBLISH_FAILURES.labels("nacked").inc()
             raise BrokerRefused(f"RabbitMQ refused the readings: {error}") from None
@@ -177,12 +183,14 @@ class RabbitPublisher:
             await self._connection.close()
 
 
-def _message(reading: Reading) -> aio_pika.Message:
+def _message(reading: Reading, headers: dict[str, str] | None) -> aio_pika.Message:
     return aio_pika.Message(
         encode_reading(reading),
         content_type=CONTENT_TYPE,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=reading.reading_id,
-        # No headers: the schema version is in the body, and a header table cost 6% of
-        # ingestion's CPU (pamqp encodes it for every message).
+        # Only the request id travels as a header (the schema version is in the body): a
+        # header table has a cost per message (pamqp encodes it each time; a larger table
+        # once cost 6% of ingestion's CPU), so without an id there is no table at all.
+        headers=headers,
     )

@@ -1,0 +1,76 @@
+"""The read RPCs the gateway forwards to billing_service, declared in one table.
+
+Each row says which Gateway method, which Billing call answers it, and who may ask;
+``ReadForwarder`` turns a row into the handler. The caller is already authenticated
+(``api_gateway.identity``); the rule only decides whether it may read this data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from api_gateway.adapters.billing import BillingClient
+from api_gateway.auth import Principal
+from api_gateway.guard import Guard
+from api_gateway.identity import caller
+from api_gateway.upstream import abort_upstream_failure
+
+# Awaits nothing when the caller may read, else aborts the call with the refusal.
+Rule = Callable[[Guard, Principal, Any, grpc.aio.ServicerContext], Awaitable[None]]
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+async def own_device(
+    guard: Guard, principal: Principal, request: Any, context: grpc.aio.ServicerContext
+) -> None:
+    """A device token reads only its own device's data (``request.device_id``)."""
+    await guard.require_device(principal, request.device_id, context)
+
+
+async def account_wide(
+    guard: Guard, principal: Principal, request: Any, context: grpc.aio.ServicerContext
+) -> None:
+    """Data of many devices: the admin token only (anyone, with auth switched off)."""
+    if not (principal.admin or principal.unchecked):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "account bills need the admin token")
+
+
+@dataclass(frozen=True)
+class Read:
+    method: str  # of energy.v1.Gateway
+    upstream: str  # the energy.v1.Billing RPC that answers it, same request and response
+    rule: Rule
+
+
+READS: tuple[Read, ...] = (
+    Read("GetLatestReading", "GetLatestReading", own_device),
+    Read("GetDeviceBill", "GetDeviceBill", own_device),
+    Read("GetAccountBill", "GetAccountBill", account_wide),
+    Read("GetUsage", "GetUsage", own_device),
+    Read("ListReadings", "ListReadings", own_device),
+)
+
+
+class ReadForwarder:
+    """Builds the handler of each ``Read``: rule, then billing, its failures passed on."""
+
+    def __init__(self, billing: BillingClient, guard: Guard) -> None:
+        self._billing = billing
+        self._guard = guard
+
+    def handler(self, read: Read) -> Handler:
+        async def forward(request: Any, context: grpc.aio.ServicerContext) -> Message:
+            await read.rule(self._guard, caller(), request, context)
+            try:
+                response: Message = await self._billing.call(read.upstream, request)
+            except grpc.aio.AioRpcError as error:
+                await abort_upstream_failure(context, "billing", error)
+            return response
+
+        forward.__name__ = forward.__qualname__ = read.method
+        return forward

@@ -1,0 +1,116 @@
+"""Typed error details: packed by a service, unpacked and decided on by its caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from grpc.aio import AioRpcError, Metadata
+
+from api_gateway.upstream import abort_upstream_failure
+from common.errors import DOMAIN, Reason, error_info, error_info_of, reason_of, rich_status
+from ingestion_service.adapters.rabbit import (
+    BrokerBlocked,
+    BrokerRefused,
+    BrokerUnavailable,
+    ConfirmTimeout,
+    NoQueueBound,
+)
+from ingestion_service.api import BROKER_ERRORS
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def failed(code: grpc.StatusCode, message: str, trailers: tuple[Any, ...] = ()) -> AioRpcError:
+    """A call as the client sees it when the server answered ``code`` with ``trailers``."""
+    return AioRpcError(code, Metadata(), Metadata(*trailers), message)
+
+
+def answered(code: grpc.StatusCode, message: str, reason: Reason) -> AioRpcError:
+    status = rich_status(code, message, error_info_of(reason, {"k": "v"}))
+    return failed(status.code, status.details, status.trailing_metadata)
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    """Records what a handler aborted with."""
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
+        self.code, self.details, self.trailers = code, details, tuple(trailers)
+        raise Aborted
+
+
+def test_a_reason_survives_the_round_trip() -> None:
+    error = answered(UNAVAILABLE, "RabbitMQ is not reachable", Reason.BROKER_BLOCKED)
+    assert reason_of(error) == Reason.BROKER_BLOCKED
+    info = error_info(error)
+    assert info is not None and info.domain == DOMAIN and dict(info.metadata) == {"k": "v"}
+
+
+def test_no_trusted_detail_is_no_reason() -> None:
+    assert reason_of(failed(UNAVAILABLE, "failed to connect to all addresses")) is None
+    status = rich_status(UNAVAILABLE, "said one thing", error_info_of(Reason.QUEUE_FULL))
+    contradicting = failed(UNAVAILABLE, "answered another", status.trailing_metadata)
+    assert reason_of(contradicting) is None
+    foreign = error_info_of(Reason.QUEUE_FULL)
+    foreign.domain = "example.com"
+    other = rich_status(UNAVAILABLE, "m", foreign)
+    assert reason_of(failed(UNAVAILABLE, "m", other.trailing_metadata)) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "reason"),
+    [
+        (BrokerBlocked("b"), UNAVAILABLE, Reason.BROKER_BLOCKED),
+        (BrokerUnavailable("u"), UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
+        (ConfirmTimeout("t"), grpc.StatusCode.DEADLINE_EXCEEDED, Reason.CONFIRM_TIMEOUT),
+        (NoQueueBound("n"), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_QUEUE_BOUND),
+        (BrokerRefused("r"), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),
+    ],
+)
+def test_ingestion_maps_each_broker_failure_to_its_status_and_reason(
+    error: Exception, code: grpc.StatusCode, reason: Reason
+) -> None:
+    assert next((c, r) for kind, c, r in BROKER_ERRORS if isinstance(error, kind)) == (
+        code,
+        reason,
+    )
+
+
+async def test_the_gateway_passes_a_services_own_answer_on_with_its_reason() -> None:
+    context = Context()
+    error = answered(
+        UNAVAILABLE, "RabbitMQ is not reachable; retry shortly", Reason.BROKER_UNAVAILABLE
+    )
+    with pytest.raises(Aborted):
+        await abort_upstream_failure(context, "ingestion", error, ". note")  # type: ignore[arg-type]
+    assert context.code == UNAVAILABLE
+    assert context.details == "RabbitMQ is not reachable; retry shortly. note"
+    reached = failed(context.code, context.details, context.trailers)
+    assert reason_of(reached) == Reason.BROKER_UNAVAILABLE
+
+
+async def test_the_gateway_words_an_unreachable_service_and_names_it() -> None:
+    context = Context()
+    with pytest.raises(Aborted):
+        await abort_upstream_failure(context, "billing", failed(UNAVAILABLE, "no route"))  # type: ignore[arg-type]
+    assert context.details == "billing service unreachable (no route); retry shortly"
+    info = error_info(failed(context.code, context.details, context.trailers))
+    assert info is not None and info.reason == Reason.UPSTREAM_UNAVAILABLE
+    assert dict(info.metadata) == {"service": "billing"}
+
+
+async def test_a_plain_status_without_detail_passes_on_unchanged() -> None:
+    context = Context()
+    error = failed(grpc.StatusCode.NOT_FOUND, "no bill for meter-1 in 2026-01")
+    with pytest.raises(Aborted):
+        await abort_upstream_failure(context, "billing", error)  # type: ignore[arg-type]
+    assert (context.code, context.details, context.trailers) == (
+        grpc.StatusCode.NOT_FOUND,
+        "no bill for meter-1 in 2026-01",
+        (),
+    )
