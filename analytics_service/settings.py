@@ -18,17 +18,10 @@ class AnalyticsSettings(BrokerSettings, InternalClientTlsSettings):
     batch_linger_s: float = Field(
         0.05, ge=0, le=10, description="gather deliveries this long, then ack them at once"
     )
-    mongodb_url: str = Field(
-        "mongodb://127.0.0.1:27017/", pattern="^mongodb(\\+srv)?://", validation_alias="MONGODB_URL"
-    )
-    mongodb_database: str = Field(
-        "energy", pattern="^[A-Za-z0-9_-]{1,63}$", validation_alias="MONGODB_DATABASE"
-    )
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", pattern="^rediss?://", validation_alias="REDIS_URL"
-    )
-    redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
+    # The tariff catalog and the devices' latest readings come from billing's API too:
+    # analytics reads no store of billing's.
     billing_addr: str = Field("127.0.0.1:50053", min_length=3, description="billing's read API")
+    billing_timeout_s: float = Field(10.0, gt=0, description="deadline of each call to billing")
     active_window_s: float = Field(900.0, gt=0, description="a device is active this long")
     silent_after_s: float = Field(3600.0, gt=0, description="and silent after this long")
     top_n: int = Field(10, ge=1, le=100, description="devices in energy_top_consumer_kwh")

@@ -19,6 +19,9 @@ from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.models import MILLIWH_PER_KWH
 
 log = logging.getLogger(__name__)
+# Ids per message of the streaming RPCs: 5,000 ids of at most 128 bytes stay near 1 MB
+# (the catalog's chunks hold as many device and account ids), far below gRPC's 4 MB limit.
+STREAM_CHUNK = 5000
 
 
 class BillingServicer(billing_pb2_grpc.BillingServicer):
@@ -96,6 +99,39 @@ class BillingServicer(billing_pb2_grpc.BillingServicer):
         return billing_pb2.ListReadingsResponse(
             readings=[reading_to_proto(r) for r in readings], next_page_token=token
         )
+
+    async def StreamCatalogIds(
+        self, request: billing_pb2.StreamCatalogIdsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[billing_pb2.StreamCatalogIdsResponse]:
+        async with _statuses(context):
+            loaded_at, catalog = self._queries.catalog_snapshot()
+        stamp = Timestamp()
+        stamp.FromDatetime(loaded_at)
+        if request.HasField("known_loaded_at") and request.known_loaded_at == stamp:
+            yield billing_pb2.StreamCatalogIdsResponse(loaded_at=stamp, unchanged=True)
+            return
+        devices = [device.id for device in catalog.devices]
+        accounts = [account.id for account in catalog.accounts]
+        # range(..., 1) at least: the first chunk carries loaded_at even for an empty catalog
+        for start in range(0, max(len(devices), len(accounts), 1), STREAM_CHUNK):
+            yield billing_pb2.StreamCatalogIdsResponse(
+                loaded_at=stamp,
+                device_ids=devices[start : start + STREAM_CHUNK],
+                account_ids=accounts[start : start + STREAM_CHUNK],
+            )
+
+    async def StreamLatestTimestamps(
+        self,
+        request: billing_pb2.StreamLatestTimestampsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[billing_pb2.StreamLatestTimestampsResponse]:
+        async with _statuses(context):
+            latest = list((await self._queries.latest_timestamps()).items())
+        for start in range(0, len(latest), STREAM_CHUNK):
+            response = billing_pb2.StreamLatestTimestampsResponse()
+            for device_id, timestamp in latest[start : start + STREAM_CHUNK]:
+                response.devices.add(device_id=device_id).timestamp.FromDatetime(timestamp)
+            yield response
 
 
 @asynccontextmanager

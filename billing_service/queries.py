@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client import Counter
+
 from billing_service.adapters.catalog_file import parse_catalog
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
 from billing_service.adapters.redis import MonthSlots, RedisCache
@@ -39,6 +41,14 @@ from common.models import ID_PATTERN, ID_RULE, Reading
 log = logging.getLogger(__name__)
 PERIOD_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+
+
+CACHE_UNAVAILABLE = Counter(
+    "billing_query_cache_failures_total",
+    "Queries answered from MongoDB alone because Redis failed, by cache operation.",
+    ["operation"],
+)
+CACHE_LOG_EVERY = timedelta(minutes=1)
 
 
 class NotFound(LookupError):
@@ -73,6 +83,11 @@ class CatalogHolder:
             except Exception:  # a bad or unreachable catalog keeps the previous one
                 log.exception("could not reload the tariff catalog; keeping the previous one")
 
+    @property
+    def loaded_at(self) -> datetime | None:
+        """When ``make seed`` stored the catalog held now (None: none yet)."""
+        return self._loaded_at
+
     def is_registered(self, device_id: str) -> bool:
         return self.current is not None and self.current.device(device_id) is not None
 
@@ -98,13 +113,14 @@ class BillingQueries:
         self._catalog = catalog
         self._max_buckets = max_buckets
         self._clock = clock
+        self._cache_failed_at: datetime | None = None
 
     async def latest(self, device_id: str) -> Reading:
         check_id("device_id", device_id)
         try:
             cached = await self._cache.latest(device_id)
-        except TransientFailure:
-            cached = None
+        except TransientFailure as error:
+            cached = self._without_cache("latest", error)
         if cached is not None:
             return cached
         reading = await self._ledger.latest(device_id)
@@ -112,8 +128,8 @@ class BillingQueries:
             raise NotFound(f"device {device_id!r} has no readings")
         try:
             await self._cache.put_latest(reading)
-        except TransientFailure:
-            pass  # Redis down: MongoDB answered, the cache refills later
+        except TransientFailure as error:  # MongoDB answered; the cache refills later
+            self._without_cache("put_latest", error)
         return reading
 
     async def device_bill(self, device_id: str, period_label: str) -> tuple[Bill, bool]:
@@ -223,10 +239,11 @@ class BillingQueries:
         since, which MongoDB answers; any other month is read from MongoDB. What MongoDB
         answered is put back into Redis."""
         month = month_start.strftime("%Y-%m")
+        cached: MonthSlots | None
         try:
-            cached: MonthSlots | None = await self._cache.month_slots(device_id, month)
-        except TransientFailure:
-            cached = None  # Redis down: MongoDB answers alone
+            cached = await self._cache.month_slots(device_id, month)
+        except TransientFailure as error:  # MongoDB answers alone
+            cached = self._without_cache("month_slots", error)
         if cached is not None and cached.current:
             return cached.slots
         if cached is not None and cached.complete:
@@ -246,9 +263,36 @@ class BillingQueries:
                 await self._cache.refresh_month(
                     device_id, month, read, cached.changed, complete=not cached.complete
                 )
-            except TransientFailure:
-                pass  # Redis went away: MongoDB answered, the cache refills later
+            except TransientFailure as error:  # MongoDB answered; the cache refills later
+                self._without_cache("refresh_month", error)
         return totals
+
+    def _without_cache(self, operation: str, error: TransientFailure) -> None:
+        """Redis failed a query: counted every time, logged once per outage (MongoDB answers)."""
+        CACHE_UNAVAILABLE.labels(operation).inc()
+        now = self._clock()
+        if self._cache_failed_at is None or now - self._cache_failed_at > CACHE_LOG_EVERY:
+            log.warning(
+                "Redis unavailable; queries read MongoDB",
+                extra={"operation": operation, "error": str(error)},
+            )
+            self._cache_failed_at = now
+
+    def catalog_snapshot(self) -> tuple[datetime, Catalog]:
+        """The catalog billing holds and when ``make seed`` stored it, read in one step.
+
+        ``CatalogHolder.refresh`` sets both without an await between, so they match.
+        """
+        catalog = self._catalog.require()
+        loaded_at = self._catalog.loaded_at
+        if loaded_at is None:  # require() passed, so refresh() set both
+            raise NoCatalog("no tariffs are loaded; load them with `make seed`")
+        return loaded_at, catalog
+
+    async def latest_timestamps(self) -> dict[str, datetime]:
+        """Every cached device's latest reading timestamp, from Redis (TransientFailure if
+        Redis is down: only a scan of every reading in MongoDB could answer instead)."""
+        return await self._cache.latest_timestamps()
 
 
 def check_id(name: str, value: str) -> None:

@@ -33,6 +33,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -56,6 +57,7 @@ from common.rabbit import (
     declare_topology,
     persistent_copy,
 )
+from common.request_id import LOG_FIELD, bound, from_message_headers
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +294,25 @@ class ReadingConsumer:
                 extra={"queue": self._queue_name, "batch": len(good)},
             )
         else:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "batch handled",
+                    extra={"queue": self._queue_name, "batch": len(good), **_request_ids(good)},
+                )
             return [(delivery, Ack(reading)) for delivery, reading in good]
         outcomes: list[tuple[_Delivery, Outcome]] = []
         for delivery, reading in good:
             try:
-                await self._handler([reading])
+                with _bound_to(delivery):
+                    await self._handler([reading])
             except Exception:
                 log.exception(
                     "unexpected failure handling a message; requeueing it",
-                    extra={"message_id": delivery.message.message_id, "queue": self._queue_name},
+                    extra={
+                        "message_id": delivery.message.message_id,
+                        "queue": self._queue_name,
+                        LOG_FIELD: from_message_headers(delivery.message.headers),
+                    },
                 )
                 outcomes.append((delivery, Requeue()))
             else:
@@ -321,7 +333,8 @@ class ReadingConsumer:
     async def _dead_letter_all(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
         for delivery, outcome in outcomes:
             assert isinstance(outcome, DeadLetter)
-            await self._dead_letter(delivery, outcome.reason)
+            with _bound_to(delivery):
+                await self._dead_letter(delivery, outcome.reason)
 
     async def _requeue_all(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
         await self._requeue([delivery for delivery, _ in outcomes])
@@ -376,7 +389,12 @@ class ReadingConsumer:
         message = delivery.message
         log.warning(
             "dead-lettering a poison message",
-            extra={"message_id": message.message_id, "reason": reason, "queue": self._queue_name},
+            extra={
+                "message_id": message.message_id,
+                "reason": reason,
+                "queue": self._queue_name,
+                LOG_FIELD: from_message_headers(message.headers),
+            },
         )
         headers = dict(message.headers or {})
         headers.update({REASON_HEADER: reason, "x-original-queue": self._queue_name})
@@ -395,6 +413,18 @@ class ReadingConsumer:
         self._settle_deliveries([delivery])
         self._outcomes["dead_lettered"].inc()
         self._processing.observe(time.monotonic() - delivery.received)
+
+
+def _bound_to(delivery: _Delivery) -> AbstractContextManager[object]:
+    """Log lines about one delivery carry the request id its message came with."""
+    request_id = from_message_headers(delivery.message.headers)
+    return bound(request_id) if request_id else nullcontext()
+
+
+def _request_ids(good: list[tuple[_Delivery, Reading]], most: int = 100) -> dict[str, object]:
+    """The distinct request ids of a batch (a stream is one request), at most ``most``."""
+    found = {from_message_headers(delivery.message.headers) for delivery, _ in good} - {None}
+    return {f"{LOG_FIELD}s": sorted(found)[:most], "request_id_count": len(found)}
 
 
 async def _requeue(message: AbstractIncomingMessage) -> None:

@@ -40,7 +40,8 @@ class RetryPolicy:
     max_attempts: int | None
 
     def delay_s(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_s, self.initial_s * 2 ** (attempt - 1)))
+        # The exponent is capped: a wait of hours would overflow a float otherwise.
+        return random.uniform(0, min(self.max_s, self.initial_s * 2 ** min(attempt - 1, 60)))
 
 
 # A service starting before the broker or store it needs waits for it (the supervisor sees

@@ -107,14 +107,15 @@ def client_channel(
     address: str,
     tls: InternalClientTlsSettings | None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    options: Sequence[tuple[str, int | str]] = (),
 ) -> grpc.aio.Channel:
     """A channel to an internal service: TLS when a CA is configured, plaintext otherwise."""
     if tls is None or tls.internal_tls_ca_file is None:
-        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     cert, key = tls.internal_tls_cert_file, tls.internal_tls_key_file
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.internal_tls_ca_file.read_bytes(),
         private_key=key.read_bytes() if key else None,
         certificate_chain=cert.read_bytes() if cert else None,
     )
-    return grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)

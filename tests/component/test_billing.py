@@ -255,3 +255,29 @@ async def test_acked_readings_survive_a_kill_of_the_mongodb_server(
     finally:
         ledger.close()
         await cleanup(prefix, app)
+
+
+async def test_billing_logs_a_dead_letter_with_the_request_id_its_message_carries(
+    billing, prefix, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One grep for a request id finds billing's line too (gateway and ingestion: see
+    test_trace_and_reasons)."""
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(Topology(prefix).exchange)
+        message = aio_pika.Message(
+            b"{not json",
+            headers={"x-request-id": "req-poison-1"},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await exchange.publish(message, ROUTING_KEY)
+
+    async def logged() -> bool:
+        return any(
+            r.getMessage() == "dead-lettering a poison message"
+            and getattr(r, "request_id", None) == "req-poison-1"
+            for r in caplog.records
+        )
+
+    await wait_until(logged, what="billing's dead-letter line with the request id")

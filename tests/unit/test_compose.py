@@ -271,7 +271,7 @@ def test_dependencies_wait_for_healthy_services(compose: dict[str, Any]) -> None
     expected = {
         "ingestion": {"rabbitmq"},
         "billing": {"rabbitmq", "mongo", "redis", "seed"},
-        "analytics": {"rabbitmq", "mongo", "redis"},
+        "analytics": {"rabbitmq"},
         "gateway": {"ingestion", "billing"},
     }
     for name, dependencies in expected.items():

@@ -63,3 +63,4 @@ def test_the_backoff_grows_to_its_cap() -> None:
     assert all(0 <= policy.delay_s(1) <= 1.0 for _ in range(50))
     assert all(0 <= policy.delay_s(10) <= 4.0 for _ in range(50))
     assert max(policy.delay_s(10) for _ in range(200)) > 2.0
+    assert 0 <= policy.delay_s(100_000) <= 4.0  # hours of waiting: still a number
