@@ -70,7 +70,7 @@ import: install $(ADMIN_TOKEN_FILE) ## Send a CSV through SendReadings: CSV=path
 	$(PY) -m scripts.import_csv $(CSV) --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) $(if $(TIME_ZONE),--time-zone $(TIME_ZONE))
 
 bench-import: install $(ADMIN_TOKEN_FILE) ## Import 1,000,000 generated rows into a running gateway: rows/s, peak RSS
-	$(PY) -m scripts.bench_import --rows 1000000 --target $(TARGET)
+	$(PY) -m scripts.bench import --rows 1000000 --target $(TARGET)
 
 simulate: install $(ADMIN_TOKEN_FILE) ## Virtual loggers: DEVICES, RATE (readings/s), DURATION (s), LEDGER (JSONL of acks)
 	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET) $(if $(LEDGER),--ledger $(LEDGER) --resend-for-s 120)
@@ -93,16 +93,16 @@ bench-tools: ## Install (when missing) the load tools make bench drives: ghz and
 	bash scripts/bench_tools.sh
 
 bench: proto services bench-tools $(ADMIN_TOKEN_FILE) ## Broker baseline, streaming, unary (ghz), devices, RSS: table + bench-results.json [BENCH_ARGS=--quick]
-	$(PY) -m scripts.bench --target $(TARGET) $(BENCH_ARGS)
+	$(PY) -m scripts.bench all --target $(TARGET) $(BENCH_ARGS)
 
 bench-auth: proto services ## What device auth and Redis rate limits cost per reading (gateway as a process)
-	$(PY) -m scripts.bench_auth --calls 3000
+	$(PY) -m scripts.bench auth --calls 3000
 
 bench-soak: proto services ## 1,000,000 readings through a stack of its own: every service's RSS after each 100,000 (about 6 minutes)
-	$(PY) -m scripts.bench --own-stack --only soak --output bench-soak.json $(BENCH_ARGS)
+	$(PY) -m scripts.bench soak $(BENCH_ARGS)
 
 bench-billing: proto services ## How fast billing drains a queue of 5,000 readings into MongoDB and Redis [BENCH_BILLING_ARGS=--profile billing.txt]
-	$(PY) -m scripts.bench_billing $(BENCH_BILLING_ARGS)
+	$(PY) -m scripts.bench billing $(BENCH_BILLING_ARGS)
 
 test: proto services bench-tools ## Everything: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest

@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
-from common.gateway_client import gateway_channel
 from common.models import ID_PATTERN, ID_RULE
+from scripts import client_options as client
 
 DEVICE_HEADER = ("device_id", "timestamp", "usage_kwh")
 METER_HEADER = ("time", "meterusage")
@@ -165,7 +165,7 @@ class ImportConfig:
 
     path: Path
     device: str | None = None
-    target: str = "127.0.0.1:50051"
+    target: str = client.DEFAULT_TARGET
     batch: int = 1000
     streams: int = 4
     timeout_s: float = 60.0
@@ -175,6 +175,7 @@ class ImportConfig:
     retry_max_s: float = 10.0
     show_progress: bool = True
     token: str | None = None
+    tls: client.ClientTls | None = None
 
 
 @dataclass
@@ -338,7 +339,7 @@ async def import_csv(config: ImportConfig) -> ImportSummary:
     with config.path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
         batches = _batches(parse_rows(file, config.device, zone), config.batch, summary)
         with progress:
-            async with gateway_channel(config.target, config.token) as channel:
+            async with client.open_channel(config.target, config.token, config.tls) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
                 while True:
                     await slots.acquire()
@@ -363,18 +364,21 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 def main(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, metavar="PATH")],
     device: Annotated[str | None, typer.Option(help="Device id of a time,meterusage file.")] = None,
-    target: Annotated[str, typer.Option(help="Gateway HOST:PORT.")] = "127.0.0.1:50051",
+    target: client.Target = client.DEFAULT_TARGET,
     batch: Annotated[int, typer.Option(min=1, help="Rows per SendReadings call.")] = 1000,
     streams: Annotated[int, typer.Option(min=1, help="SendReadings calls in flight.")] = 4,
     timeout_s: Annotated[float, typer.Option(min=0.001, help="Deadline per call, s.")] = 60.0,
     time_zone: Annotated[str, typer.Option(help="Zone of timestamps without offset.")] = "UTC",
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="GATEWAY_TOKEN", help="Bearer token: a device's, or the admin one."),
-    ] = None,
+    token: client.Token = None,
+    tls_ca: client.TlsCa = None,
+    tls_cert: client.TlsCert = None,
+    tls_key: client.TlsKey = None,
 ) -> None:
     """Import the file, print problems (stderr) and the summary; exit 0, 1 or 2."""
-    config = ImportConfig(path, device, target, batch, streams, timeout_s, time_zone, token=token)
+    tls = client.client_tls(tls_ca, tls_cert, tls_key)
+    config = ImportConfig(
+        path, device, target, batch, streams, timeout_s, time_zone, token=token, tls=tls
+    )
     try:
         summary = asyncio.run(import_csv(config))
     except InputError as error:

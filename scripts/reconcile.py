@@ -27,7 +27,7 @@ from typing import Annotated
 import typer
 
 from common.energy.v1 import billing_pb2, gateway_pb2_grpc
-from common.gateway_client import gateway_channel
+from scripts import client_options as client
 
 DAY = timedelta(days=1)
 TICK = timedelta(microseconds=1)
@@ -113,11 +113,15 @@ def _day(instant: datetime) -> datetime:
 
 
 async def reconcile(
-    ledger: Path, target: str, wait_s: float, token: str | None = None
+    ledger: Path,
+    target: str,
+    wait_s: float,
+    token: str | None = None,
+    tls: client.ClientTls | None = None,
 ) -> list[DeviceCheck]:
     devices = read_ledger(ledger)
     deadline = time.monotonic() + wait_s
-    async with gateway_channel(target, token) as channel:
+    async with client.open_channel(target, token, tls) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         while True:
             pending = [d for d in devices.values() if not d.exact]
@@ -160,17 +164,18 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def main(
     ledger: Annotated[Path, typer.Argument(help="JSONL ledger of acknowledged readings")],
-    target: Annotated[str, typer.Option(help="Gateway HOST:PORT")] = "127.0.0.1:50051",
+    target: client.Target = client.DEFAULT_TARGET,
     wait_s: Annotated[
         float, typer.Option(help="Keep checking this long while billing catches up")
     ] = 0.0,
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="GATEWAY_TOKEN", help="Bearer token: a device's, or the admin one."),
-    ] = None,
+    token: client.Token = None,
+    tls_ca: client.TlsCa = None,
+    tls_cert: client.TlsCert = None,
+    tls_key: client.TlsKey = None,
 ) -> None:
     """Print expected against billed per device; exit 1 on any difference."""
-    results = asyncio.run(reconcile(ledger, target, wait_s, token))
+    tls = client.client_tls(tls_ca, tls_cert, tls_key)
+    results = asyncio.run(reconcile(ledger, target, wait_s, token, tls))
     typer.echo(render(results))
     raise typer.Exit(0 if all(d.exact for d in results) else 1)
 

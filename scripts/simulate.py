@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
-from common.gateway_client import gateway_channel
 from common.models import derive_reading_id
+from scripts import client_options as client
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class FleetConfig:
     devices: int = 50
     rate: float = 200.0
     duration_s: float = 30.0
-    target: str = "127.0.0.1:50051"
+    target: str = client.DEFAULT_TARGET
     batch: int = 0
     interval_s: int = 60
     seed: int | None = None
@@ -46,6 +46,7 @@ class FleetConfig:
     ledger: str | None = None
     resend_for_s: float = 0.0
     token: str | None = None
+    tls: client.ClientTls | None = None
 
     @property
     def per_device(self) -> int:
@@ -272,7 +273,7 @@ async def _send_fleet(
     loop = asyncio.get_running_loop()
     start = loop.time()
     with progress:
-        async with gateway_channel(config.target, config.token) as channel:
+        async with client.open_channel(config.target, config.token, config.tls) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             for chunk in fleet_batches(config, time.time(), random.Random(config.seed)):
                 delay = due_at(start, summary.sent, len(chunk), config.rate) - loop.time()
@@ -297,7 +298,7 @@ def main(
     devices: Annotated[int, typer.Option(min=1, help="Virtual loggers.")] = 50,
     rate: Annotated[float, typer.Option(min=0.001, help="Total readings per second.")] = 200.0,
     duration_s: Annotated[float, typer.Option("--duration", min=0.001, help="Seconds.")] = 30.0,
-    target: Annotated[str, typer.Option(help="Gateway HOST:PORT.")] = "127.0.0.1:50051",
+    target: client.Target = client.DEFAULT_TARGET,
     batch: Annotated[
         int, typer.Option(min=0, help="0: unary SendReading; N: N readings per SendReadings.")
     ] = 0,
@@ -312,13 +313,15 @@ def main(
     resend_for_s: Annotated[
         float, typer.Option(help="Resend refused readings (UNAVAILABLE...) for this long, s.")
     ] = 0.0,
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="GATEWAY_TOKEN", help="Bearer token: a device's, or the admin one."),
-    ] = None,
+    token: client.Token = None,
+    tls_ca: client.TlsCa = None,
+    tls_cert: client.TlsCert = None,
+    tls_key: client.TlsKey = None,
 ) -> None:
     """Run the fleet, print the summary; exit 1 unless every reading was accepted."""
-    summary = asyncio.run(run_fleet(FleetConfig(**locals())))  # parameters = FleetConfig fields
+    fields = locals()  # the other parameters are FleetConfig's fields
+    tls = client.client_tls(fields.pop("tls_ca"), fields.pop("tls_cert"), fields.pop("tls_key"))
+    summary = asyncio.run(run_fleet(FleetConfig(**fields, tls=tls)))
     typer.echo(summary.render())
     raise typer.Exit(0 if summary.ok else 1)
 

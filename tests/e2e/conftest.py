@@ -4,196 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
-import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-import httpx
 import pytest
-import redis.asyncio as redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.adapters.redis import RedisCache
-from common.healthcheck import check_grpc, check_http
 from common.models import Reading
+from scripts.bench.stack import SERVICES
+from scripts.bench.stack import Stack as ProcessStack
 from scripts.import_csv import ImportConfig, ImportSummary, import_csv
-from tests.conftest import (
-    ADMIN_TOKEN,
-    MONGODB_URL,
-    RABBITMQ_URL,
-    REDIS_URL,
-    delete_topology,
-    free_port,
-)
+from tests.conftest import ADMIN_TOKEN, MONGODB_URL, RABBITMQ_URL, REDIS_URL
 
-SERVICES = ("ingestion_service", "billing_service", "analytics_service", "api_gateway")
+__all__ = ["SERVICES", "Stack"]
+
 # How long a test's client resends what the gateway refused under backpressure (on the slower
 # machines RabbitMQ confirms ~2,000 persistent messages/s and forwards meet their deadline).
 RESEND_FOR_S = 300
 
 
+# Short timers, so that the tests see shutdowns and refreshes within seconds.
+TEST_SETTINGS = {
+    "BILLING_SHUTDOWN_GRACE_S": "2",
+    "BILLING_CATALOG_REFRESH_S": "0.5",
+    "ANALYTICS_BILLED_REFRESH_S": "1",
+    "ANALYTICS_CATALOG_REFRESH_S": "0.5",
+}
+
+
 @dataclass
-class Stack:
-    prefix: str
-    log_dir: Path
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-    log_files: list[IO[bytes]] = field(default_factory=list)
-    extra_env: dict[str, str] = field(default_factory=dict)
-    # The interpreter and working directory of the services: by default this venv and the
-    # repository (so the source tree); tests/e2e/test_runtime_install.py passes an installed one.
-    python: str = sys.executable
-    cwd: Path | None = None
+class Stack(ProcessStack):
+    """The four services on the tests' servers, with the tests' admin token and timers."""
 
-    @property
-    def gateway(self) -> str:
-        return f"127.0.0.1:{self.ports['GATEWAY_PORT']}"
-
-    @property
-    def database(self) -> str:
-        return self.prefix.strip("-")
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            **{name: str(port) for name, port in self.ports.items()},
-            "GATEWAY_INGESTION_ADDR": f"127.0.0.1:{self.ports['INGESTION_PORT']}",
-            "GATEWAY_BILLING_ADDR": f"127.0.0.1:{self.ports['BILLING_PORT']}",
-            "TOPOLOGY_PREFIX": self.prefix,
-            "MONGODB_DATABASE": self.database,
-            "REDIS_KEY_PREFIX": self.prefix,
-            "RABBITMQ_URL": RABBITMQ_URL,
-            "MONGODB_URL": MONGODB_URL,
-            "REDIS_URL": REDIS_URL,
-            "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-            "BILLING_SHUTDOWN_GRACE_S": "2",
-            "BILLING_CATALOG_REFRESH_S": "0.5",
-            "ANALYTICS_BILLING_ADDR": f"127.0.0.1:{self.ports['BILLING_PORT']}",
-            "ANALYTICS_BILLED_REFRESH_S": "1",
-            "ANALYTICS_CATALOG_REFRESH_S": "0.5",
-            **self.extra_env,
-        }
-
-    async def start(self) -> None:
-        for name in (
-            "GATEWAY_PORT",
-            "GATEWAY_METRICS_PORT",
-            "INGESTION_PORT",
-            "INGESTION_METRICS_PORT",
-            "BILLING_PORT",
-            "BILLING_METRICS_PORT",
-            "ANALYTICS_METRICS_PORT",
-        ):
-            port = free_port()
-            while port in self.ports.values():  # bind(0) may hand out a port twice in a row
-                port = free_port()
-            self.ports[name] = port
-        for service in SERVICES:
-            log = self._open_log(service)
-            self.processes[service] = await asyncio.create_subprocess_exec(
-                self.python, "-m", service, env=self.env(), stdout=log, stderr=log, cwd=self.cwd
-            )
-        probes = [
-            lambda: check_grpc(f"127.0.0.1:{self.ports['INGESTION_PORT']}"),
-            lambda: check_grpc(f"127.0.0.1:{self.ports['BILLING_PORT']}"),
-            lambda: check_grpc(self.gateway),
-            lambda: check_http(self.metrics_url("ANALYTICS")),
-        ]
-        for _ in range(300):
-            self.assert_running()
-            problems = [p for p in await asyncio.gather(*map(asyncio.to_thread, probes)) if p]
-            if not problems:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"stack not healthy in 30 s: {problems}\n{self.logs()}")
-
-    def _open_log(self, service: str) -> IO[bytes]:
-        log = (self.log_dir / f"{service}.log").open("wb")
-        self.log_files.append(log)
-        return log
-
-    async def stop_service(self, service: str, sig: int = signal.SIGTERM) -> None:
-        """Send ``sig`` (SIGTERM: graceful, SIGKILL: crash) and wait for the exit."""
-        process = self.processes[service]
-        process.send_signal(sig)
-        await asyncio.wait_for(process.wait(), timeout=30)
-
-    async def start_service(self, service: str) -> None:
-        """Start a stopped service again and wait until its /metrics answers."""
-        log = self._open_log(f"{service}.{len(self.log_files)}")
-        self.processes[service] = await asyncio.create_subprocess_exec(
-            self.python, "-m", service, env=self.env(), stdout=log, stderr=log, cwd=self.cwd
-        )
-        prefix = {"api_gateway": "GATEWAY"}.get(service, service.split("_")[0].upper())
-        for _ in range(300):
-            self.assert_running()
-            if await asyncio.to_thread(check_http, self.metrics_url(prefix)) is None:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{service} did not come back\n{self.logs()}")
-
-    async def restart(self, service: str) -> None:
-        await self.stop_service(service)
-        await self.start_service(service)
-
-    def assert_running(self) -> None:
-        for service, process in self.processes.items():
-            if process.returncode is not None:
-                raise AssertionError(f"{service} exited {process.returncode}\n{self.logs()}")
-
-    def metrics_url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.ports[f'{service}_METRICS_PORT']}/metrics"
-
-    async def metric(self, service: str, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample from a service's live /metrics (0 when absent)."""
-        async with httpx.AsyncClient(timeout=5) as client:
-            text = (await client.get(self.metrics_url(service))).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and (labels or {}).items() <= sample.labels.items():
-                    return float(sample.value)
-        return 0.0
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n{path.read_text()[-3000:]}" for path in self.log_dir.glob("*.log")
-        )
-
-    async def stop(self) -> None:
-        for process in self.processes.values():
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                await asyncio.wait_for(process.wait(), timeout=20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        for log in self.log_files:
-            log.close()
+    admin_token: str | None = ADMIN_TOKEN
+    rabbitmq_url: str = RABBITMQ_URL
+    mongodb_url: str = MONGODB_URL
+    redis_url: str = REDIS_URL
+    settings: dict[str, str] = field(default_factory=lambda: dict(TEST_SETTINGS))
 
     def ledger(self) -> MongoLedger:
-        return MongoLedger.connect(MONGODB_URL, self.database, timeout_s=5)
+        return MongoLedger.connect(self.mongodb_url, self.database, timeout_s=5)
 
     def cache(self) -> RedisCache:
-        return RedisCache(REDIS_URL, self.prefix, timeout_s=5)
-
-    async def clean(self) -> None:
-        ledger = self.ledger()
-        await ledger.database.client.drop_database(self.database)
-        ledger.close()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = [key async for key in client.scan_iter(f"{self.prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-        await delete_topology(self.prefix)
+        return RedisCache(self.redis_url, self.redis_prefix, timeout_s=5)
 
 
 @pytest.fixture(scope="module")

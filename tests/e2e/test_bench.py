@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench_broker import PERF_TEST_LIB, PERF_TEST_VERSION
-from scripts.bench_unary import ghz_path
+from scripts.bench.broker import PERF_TEST_LIB, PERF_TEST_VERSION
+from scripts.bench.unary import ghz_path
 
 ROOT = Path(__file__).parents[2]
 
@@ -34,7 +34,7 @@ def test_quick_bench_reports_positive_figures(tmp_path: Path) -> None:
     missing = _tools_missing()
     assert missing is None, missing
     output = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "scripts.bench", "--quick", "--only", "broker,unary"]
+    command = [sys.executable, "-m", "scripts.bench", "all", "--quick", "--only", "broker,unary"]
     run = subprocess.run(
         [*command, "--own-stack", "--output", str(output)],
         cwd=ROOT,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
 from common.models import derive_reading_id
 from scripts import import_csv as importer
-from scripts.bench_import import fake_gateway
+from scripts.bench.fakes import fake_gateway
 from scripts.import_csv import (
     ImportConfig,
     ImportSummary,

@@ -1,6 +1,6 @@
 """Benchmark (not a test): what a MongoDB-wire server does with billing's kind of work.
 
-    python -m scripts.bench_store [--url mongodb://127.0.0.1:27017/] [--sizes 1000,10000,50000]
+    python -m scripts.bench store [--url mongodb://127.0.0.1:27017/] [--sizes 1000,10000,50000]
 
 The figures that chose the local server (README, "Which MongoDB runs locally"), measured
 on a throwaway database of the server at ``--url``: medians of ``update_one`` by ``_id``
@@ -24,11 +24,9 @@ import pymongo
 import typer
 from pymongo import ASCENDING, UpdateOne
 
-app = typer.Typer(add_completion=False)
 SAMPLES = 50
 
 
-@app.command()
 def main(
     url: Annotated[str, typer.Option(help="the server")] = "mongodb://127.0.0.1:27017/",
     sizes: Annotated[str, typer.Option(help="collection sizes, comma-separated")] = (
@@ -145,7 +143,3 @@ def _bulk(database: pymongo.database.Database) -> None:
     began = time.perf_counter()
     slots.bulk_write(operations, ordered=False)
     print(f"one bulk_write of 200 upserts: {(time.perf_counter() - began) * 1000:.0f} ms")
-
-
-if __name__ == "__main__":
-    app()

@@ -1,6 +1,6 @@
 """Benchmark (not a test): how fast billing_service drains its queue into MongoDB and Redis.
 
-    python -m scripts.bench_billing [--readings 5000] [--devices 200] [--old-slots 50000]
+    python -m scripts.bench billing [--readings 5000] [--devices 200] [--old-slots 50000]
                                     [--profile billing.txt]
 
 Publishes ``--readings`` valid readings (``--devices`` devices, one reading per device every
@@ -36,9 +36,7 @@ from typing import Annotated
 
 import aio_pika
 import httpx
-import redis.asyncio as redis
 import typer
-from prometheus_client.parser import text_string_to_metric_families
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.adapters.mongo_batch import ENERGY_MAP
@@ -46,21 +44,26 @@ from billing_service.domain.ledger import SLOT, SlotKey, slot_start
 from billing_service.settings import BillingSettings
 from common.messages import CONTENT_TYPE, encode_reading
 from common.models import Reading, validate_reading
-from common.rabbit import ROUTING_KEY, Topology, declare_topology, delete_topology
+from common.rabbit import ROUTING_KEY, Topology, declare_topology
 from common.settings import load_settings
-from scripts.bench_broker import aio_pika_baseline
-from scripts.bench_stack import MONGODB_PROCESS, cpu_by_name, free_port, process_cpu
-from scripts.profile_services import py_spy, top_costs
+from scripts.bench.broker import aio_pika_baseline
+from scripts.bench.measure import (
+    MONGODB_PROCESS,
+    cpu_by_name,
+    metric_value,
+    process_cpu,
+    py_spy_record,
+    top_costs,
+)
+from scripts.bench.stack import Stack
 
 # py-spy's flag for each --profile-mode
 PROFILE_MODES = {"cpu": "--gil", "wall": "--idle"}
 TOPOLOGY_PREFIX = "bench-billing."
 DATABASE = "bench_billing"
 REDIS_PREFIX = "bench-billing:"
-app = typer.Typer(add_completion=False)
 
 
-@app.command()
 def main(
     readings: Annotated[int, typer.Option(help="readings to publish and bill")] = 5000,
     devices: Annotated[int, typer.Option(help="distinct devices")] = 200,
@@ -95,7 +98,19 @@ async def _bench(
     old_slots: int,
 ) -> None:
     topology = Topology(TOPOLOGY_PREFIX)
-    await _clean(settings, topology)  # leftovers of an interrupted run
+    folder = tempfile.TemporaryDirectory(prefix="bench-billing-")
+    billing = Stack(
+        TOPOLOGY_PREFIX,
+        log_dir=Path(folder.name),
+        services=("billing_service",),
+        database=DATABASE,
+        redis_prefix=REDIS_PREFIX,
+        rabbitmq_url=settings.rabbitmq_url,
+        mongodb_url=settings.mongodb_url,
+        redis_url=settings.redis_url,
+        settings={"LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING")},
+    )
+    await billing.clean()  # leftovers of an interrupted run
     try:
         broker = await aio_pika_baseline(
             settings.rabbitmq_url, TOPOLOGY_PREFIX, messages=count, window=100, ack_every=500
@@ -113,14 +128,15 @@ async def _bench(
             f"published {count} readings of {devices} devices in "
             f"{time.perf_counter() - started:.1f} s"
         )
-        rate = await _drain(settings, topology, count, profile, profile_mode, timeout_s)
+        rate = await _drain(billing, count, profile, profile_mode, timeout_s)
         print(
             f"billing drain / broker consume: {rate:,.0f} / {broker['consume_per_s']:,} = "
             f"{rate / broker['consume_per_s']:.2f}"
         )
         await _check_billed(settings, batch)
     finally:
-        await _clean(settings, topology)
+        await billing.clean()
+        folder.cleanup()
 
 
 async def _store_old_slots(settings: BillingSettings, count: int, devices: int) -> None:
@@ -201,44 +217,29 @@ async def _publish(url: str, topology: Topology, readings: list[Reading]) -> Non
 
 
 async def _drain(
-    settings: BillingSettings,
-    topology: Topology,
-    count: int,
-    profile: Path | None,
-    profile_mode: str,
-    timeout_s: float,
+    stack: Stack, count: int, profile: Path | None, profile_mode: str, timeout_s: float
 ) -> float:
     """Bill the queued readings; returns the drain rate in readings/s."""
-    metrics_port = free_port()
-    env = {
-        **os.environ,
-        "TOPOLOGY_PREFIX": TOPOLOGY_PREFIX,
-        "MONGODB_DATABASE": DATABASE,
-        "REDIS_KEY_PREFIX": REDIS_PREFIX,
-        "BILLING_PORT": str(free_port()),
-        "BILLING_METRICS_PORT": str(metrics_port),
-        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-    }
-    log = tempfile.NamedTemporaryFile(prefix="bench-billing-", suffix=".log", delete=False)
-    billing = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "billing_service", env=env, stdout=log, stderr=log
-    )
     spy: asyncio.subprocess.Process | None = None
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    queue = stack.topology.billing_queue
     try:
-        connection = await aio_pika.connect(settings.rabbitmq_url)
+        await stack.start(ready="metrics")
+        billing = stack.processes["billing_service"]
+        metrics_url = stack.metrics_url("BILLING")
+        connection = await aio_pika.connect(stack.rabbitmq_url)
         async with connection, httpx.AsyncClient(timeout=5) as client:
             channel = await connection.channel()
-            await _until(lambda: _answers(client, metrics_url), 30, "billing's /metrics", billing)
             if profile is not None:
-                spy = await _start_py_spy(billing.pid, profile, profile_mode)
-            await _until(
-                lambda: _has_consumer(channel, topology.billing_queue), 30, "consumer", billing
-            )
+                spy = await py_spy_record(
+                    billing.pid, profile, PROFILE_MODES[profile_mode], rate=100,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+                await asyncio.sleep(0.5)  # attached
+            await _until(lambda: _has_consumer(channel, queue), 30, "consumer", billing)
             began, cpu_before = time.perf_counter(), cpu_by_name()
             billing_cpu = process_cpu(billing.pid)
             await _until(
-                lambda: _drained(channel, topology.billing_queue, client, metrics_url, count),
+                lambda: _drained(channel, queue, client, metrics_url, count),
                 timeout_s,
                 "the drain",
                 billing,
@@ -255,34 +256,16 @@ async def _drain(
             + ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items())
         )
     except BaseException:
-        print(_tail(log.name), file=sys.stderr)
+        print(stack.logs(), file=sys.stderr)
         raise
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await asyncio.wait_for(spy.wait(), timeout=60)
-        if billing.returncode is None:
-            billing.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(billing.wait(), timeout=60)
-        log.close()
-        os.unlink(log.name)
+        await stack.stop(timeout_s=60)
     if profile is not None:
         _print_profile(profile, profile_mode)
     return count / took_s
-
-
-def _tail(path: str) -> str:
-    return Path(path).read_text()[-3000:]
-
-
-async def _start_py_spy(pid: int, output: Path, mode: str) -> asyncio.subprocess.Process:
-    spy = await asyncio.create_subprocess_exec(
-        py_spy(), "record", "--pid", str(pid), "--rate", "100", PROFILE_MODES[mode],
-        "--nonblocking", "--format", "raw", "--output", str(output),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    await asyncio.sleep(0.5)  # attached
-    return spy
 
 
 def _print_profile(path: Path, mode: str, top: int = 12) -> None:
@@ -307,13 +290,6 @@ async def _until(predicate, timeout_s: float, what: str, process) -> None:  # ty
         await asyncio.sleep(0.05)
 
 
-async def _answers(client: httpx.AsyncClient, url: str) -> bool:
-    try:
-        return (await client.get(url)).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def _has_consumer(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
     declared = await channel.declare_queue(queue, passive=True)
     return bool(declared.declaration_result.consumer_count)
@@ -332,13 +308,8 @@ async def _drained(
     if declared.declaration_result.message_count:
         return False
     text = (await client.get(url)).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "consumer_messages_total" and sample.labels.get("outcome") in (
-                "acked",
-                "dead_lettered",
-            ):
-                count -= int(sample.value)
+    for outcome in ("acked", "dead_lettered"):
+        count -= int(metric_value(text, "consumer_messages_total", {"outcome": outcome}))
     return count <= 0
 
 
@@ -356,23 +327,3 @@ async def _check_billed(settings: BillingSettings, readings: list[Reading]) -> N
     assert stored == len(readings), f"{stored} readings stored, {len(readings)} published"
     assert sum(counts) == len(readings), f"slots count {sum(counts)}, {len(readings)} published"
     print(f"checked: {stored} readings stored once, {len(counts)} slots adding up to {sum(counts)}")
-
-
-async def _clean(settings: BillingSettings, topology: Topology) -> None:
-    ledger = MongoLedger.connect(settings.mongodb_url, DATABASE, settings.mongodb_timeout_s)
-    try:
-        await ledger.database.client.drop_database(DATABASE)
-    finally:
-        ledger.close()
-    client = redis.Redis.from_url(settings.redis_url)
-    keys = [key async for key in client.scan_iter(f"{REDIS_PREFIX}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-    connection = await aio_pika.connect(settings.rabbitmq_url)
-    async with connection:
-        await delete_topology(await connection.channel(), topology)
-
-
-if __name__ == "__main__":
-    app()

@@ -1,6 +1,6 @@
 """Benchmark (not a test): what device auth and rate limiting cost per reading.
 
-    python -m scripts.bench_auth --calls 3000
+    python -m scripts.bench auth --calls 3000
 
 Runs the real api_gateway as a process three times: auth and limits off, device-token auth
 on, then auth and Redis rate limits on. Each time it registers a device, then sends
@@ -15,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated
 
 import grpc
 import typer
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, ingestion_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
-from scripts.bench_import import CountingIngestion
-from scripts.bench_stack import free_port
+from scripts.bench.fakes import CountingIngestion
+from scripts.bench.stack import Stack
 from scripts.simulate import percentile
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -52,44 +52,53 @@ def reading(device: str, index: int) -> gateway_pb2.SendReadingRequest:
 
 
 async def measure(name: str, env: dict[str, str], ingestion_port: int, calls: int) -> dict:
-    port, run = free_port(), f"{os.getpid()}-{time.monotonic_ns()}"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api_gateway",
-        env={**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()),
-             "GATEWAY_INGESTION_ADDR": f"127.0.0.1:{ingestion_port}",
-             "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "MONGODB_DATABASE": f"bench-auth-{run}"[:60],
-             "REDIS_KEY_PREFIX": f"bench-auth-{run}:", "LOG_LEVEL": "WARNING", **env},
-    )  # fmt: skip
-    target = f"127.0.0.1:{port}"
-    try:
-        async with gateway_channel(target, ADMIN_TOKEN) as admin_channel:
-            await _serving(admin_channel)
-            token = ADMIN_TOKEN
-            if env.get("GATEWAY_AUTH_ENABLED") != "false":
-                answer = await gateway_pb2_grpc.DeviceAdminStub(admin_channel).RegisterDevice(
-                    gateway_pb2.RegisterDeviceRequest(device_id="bench-auth-1"), timeout=10
-                )
-                token = answer.token
-        async with gateway_channel(target, token) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
-            for index in range(200):  # warm up connections and caches
-                await stub.SendReading(reading("bench-auth-1", index), timeout=10)
-            latencies = []
-            for index in range(calls):
-                started = time.perf_counter()
-                await stub.SendReading(reading("bench-auth-1", 1000 + index), timeout=10)
-                latencies.append((time.perf_counter() - started) * 1000)
-            began, sent = time.perf_counter(), iter(range(calls))
+    run = f"{os.getpid()}-{time.monotonic_ns()}"
+    with tempfile.TemporaryDirectory(prefix="bench-auth-") as logs:
+        gateway = Stack(
+            prefix=f"bench-auth-{run}:",
+            log_dir=Path(logs),
+            services=("api_gateway",),
+            admin_token=ADMIN_TOKEN,
+            database=f"bench-auth-{run}"[:60],
+            settings={
+                "GATEWAY_INGESTION_ADDR": f"127.0.0.1:{ingestion_port}",
+                "LOG_LEVEL": "WARNING",
+            },
+            extra_env=env,
+        )
+        try:
+            await gateway.start()
+            return await _calls(name, env, gateway.gateway, calls)
+        finally:
+            await gateway.stop()
+            await gateway.clean()
 
-            async def caller() -> None:
-                for index in sent:
-                    await stub.SendReading(reading("bench-auth-1", 10**6 + index), timeout=10)
 
-            await asyncio.gather(*(caller() for _ in range(16)))
-            throughput = calls / (time.perf_counter() - began)
-    finally:
-        process.terminate()
-        await process.wait()
+async def _calls(name: str, env: dict[str, str], target: str, calls: int) -> dict:
+    async with gateway_channel(target, ADMIN_TOKEN) as admin_channel:
+        token = ADMIN_TOKEN
+        if env.get("GATEWAY_AUTH_ENABLED") != "false":
+            answer = await gateway_pb2_grpc.DeviceAdminStub(admin_channel).RegisterDevice(
+                gateway_pb2.RegisterDeviceRequest(device_id="bench-auth-1"), timeout=10
+            )
+            token = answer.token
+    async with gateway_channel(target, token) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for index in range(200):  # warm up connections and caches
+            await stub.SendReading(reading("bench-auth-1", index), timeout=10)
+        latencies = []
+        for index in range(calls):
+            started = time.perf_counter()
+            await stub.SendReading(reading("bench-auth-1", 1000 + index), timeout=10)
+            latencies.append((time.perf_counter() - started) * 1000)
+        began, sent = time.perf_counter(), iter(range(calls))
+
+        async def caller() -> None:
+            for index in sent:
+                await stub.SendReading(reading("bench-auth-1", 10**6 + index), timeout=10)
+
+        await asyncio.gather(*(caller() for _ in range(16)))
+        throughput = calls / (time.perf_counter() - began)
     return {
         "variant": name,
         "p50_ms": round(percentile(latencies, 50), 3),
@@ -97,19 +106,6 @@ async def measure(name: str, env: dict[str, str], ingestion_port: int, calls: in
         "p99_ms": round(percentile(latencies, 99), 3),
         "readings_per_s_16_callers": round(throughput),
     }
-
-
-async def _serving(channel: grpc.aio.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(100):
-        try:
-            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("the gateway did not start")
 
 
 async def run(calls: int) -> list[dict]:
@@ -138,7 +134,3 @@ def main(
             f"{row['readings_per_s_16_callers']:>8}"
         )
     typer.echo(json.dumps(results))
-
-
-if __name__ == "__main__":
-    typer.run(main)

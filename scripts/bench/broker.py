@@ -7,26 +7,31 @@
    with the same arguments, persistent messages of the same size and a confirm window.
 
 Both queues are throwaway ones under a bench prefix and are deleted afterwards.
+``python -m scripts.bench broker`` runs both and prints their figures as JSON (``make bench``
+runs them as its first section).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
-import subprocess
-import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import typer
 
 from common.messages import CONTENT_TYPE, encode_reading
 from common.models import validate_reading
 from common.rabbit import Topology, reading_queue_arguments
+from scripts.bench.measure import run_measured
+from scripts.bench.stack import server_url
 
 PERF_TEST_VERSION = "2.22.1"
 PERF_TEST_LIB = (
@@ -214,34 +219,23 @@ def java_uri(url: str) -> str:
     return parts._replace(path="").geturl() if parts.path in ("", "/") else url
 
 
-def run_measured(
-    command: list[str], timeout_s: float, cwd: Path | None = None
-) -> tuple[str, float]:
-    """Run a load tool; return its stdout+stderr and the CPU time (user+sys) it used.
-
-    ``os.wait4`` reports the resource use of exactly that child (and its reaped children),
-    so the child is reaped here rather than by ``subprocess``.
-    """
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
-    )
-    timer = threading.Timer(timeout_s, process.kill)
-    timer.start()
-    try:
-        assert process.stdout is not None
-        output = process.stdout.read()
-    finally:
-        timer.cancel()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        process.stdout.close()  # type: ignore[union-attr]
-    if process.returncode != 0:
-        raise RuntimeError(f"{command[0]} exited {process.returncode}:\n{output[-2000:]}")
-    return output, usage.ru_utime + usage.ru_stime
-
-
 async def _delete_queue(url: str, queue: str) -> None:
     connection = await aio_pika.connect(url, timeout=10)
     async with connection:
         channel = await connection.channel()
         await channel.queue_delete(queue)
+
+
+def main(
+    messages: Annotated[int, typer.Option(min=1, help="Messages aio-pika publishes.")] = 20_000,
+    perf_test_s: Annotated[int, typer.Option(min=1, help="Seconds PerfTest runs.")] = 10,
+    window: Annotated[int, typer.Option(min=1, help="Confirms in flight.")] = 100,
+    ack_every: Annotated[int, typer.Option(min=1, help="Consumer acks every N.")] = 100,
+) -> None:
+    """The broker's own limit (aio-pika, then PerfTest) on throwaway queues, as JSON."""
+    url, prefix = server_url("RABBITMQ_URL"), f"bench{uuid.uuid4().hex[:6]}-"
+    results = {
+        "aio_pika": asyncio.run(aio_pika_baseline(url, prefix, messages, window, ack_every)),
+        "perf_test": perf_test(url, prefix, perf_test_s, window, ack_every),
+    }
+    typer.echo(json.dumps(results, indent=2))

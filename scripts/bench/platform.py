@@ -1,9 +1,9 @@
 """Benchmark of the whole platform in one run (make bench): a table, JSON and a JSON file.
 
-    python -m scripts.bench                       # about 5 minutes
-    python -m scripts.bench --quick               # about 1 minute, smaller figures
-    python -m scripts.bench --only broker,unary   # sections: broker, streaming, unary, devices
-    python -m scripts.bench --only soak           # 1M readings, RSS every 100k (make bench-soak)
+    python -m scripts.bench all                      # about 5 minutes
+    python -m scripts.bench all --quick              # about 1 minute, smaller figures
+    python -m scripts.bench all --only broker,unary  # of broker, streaming, unary, devices
+    python -m scripts.bench soak                     # 1M readings, RSS every 100k
 
 Sections, in this order:
 - broker: RabbitMQ's own limit for a real reading message in a quorum queue like
@@ -23,17 +23,20 @@ bench starts the four services itself on free ports under a bench topology prefi
 database and Redis key prefix, empties its own queues between figures (so one figure's
 backlog does not load the next) and removes all of it at the end. A running stack is never
 purged: its billing works through the bench's readings long after the bench ends.
-Needs make services, and ghz and PerfTest (bash scripts/bench_tools.sh).
+Needs make services, and ghz and PerfTest (bash scripts/bench_tools.sh). ``soak`` takes the
+same options, with ``--own-stack --only soak --output bench-soak.json`` as its defaults.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import secrets
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -44,11 +47,14 @@ from typing import Annotated, Any
 
 import typer
 
-from scripts.bench_broker import aio_pika_baseline, perf_test
-from scripts.bench_report import ratios, render_table
-from scripts.bench_stack import DEFAULT_BILLING_METRICS_URL, BenchStack, listening
-from scripts.bench_stream import StreamPlan, billed_run, run_streams
-from scripts.bench_unary import unary_section
+from scripts import client_options as client
+from scripts.bench.broker import aio_pika_baseline, perf_test
+from scripts.bench.loaded import DEFAULT_BILLING_METRICS_URL, BenchStack
+from scripts.bench.measure import listening
+from scripts.bench.report import ratios, render_table
+from scripts.bench.stack import Stack, server_url
+from scripts.bench.stream import StreamPlan, billed_run, run_streams
+from scripts.bench.unary import unary_section
 
 SECTIONS = ("broker", "streaming", "unary", "devices")
 ON_REQUEST = ("soak",)  # long: run only when named in --only
@@ -228,36 +234,36 @@ def run(opts: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     info = machine()
     token = opts["token"]
     own = opts["own_stack"] or not listening(opts["target"])
-    if own:
-        token = token or secrets.token_hex(32)
-        why = "--own-stack" if opts["own_stack"] else f"nothing answers on {opts['target']}"
-        typer.echo(f"[bench] {why}: starting the four services", err=True)
-        urls = {k: opts[f"{k}_url"] for k in ("rabbitmq", "mongodb", "redis")}
-        stack = BenchStack.start(token, f"bench{uuid.uuid4().hex[:6]}-", urls, timeout_s=90)
-    else:
-        if not token:
-            raise typer.BadParameter(
-                "the gateway needs a token: set GATEWAY_TOKEN (make bench does)"
+    if not own and not token:
+        raise typer.BadParameter("the gateway needs a token: set GATEWAY_TOKEN (make bench does)")
+    # One event loop owns the services' processes from start to stop; the sections run
+    # their own loops (and processes) in between.
+    with asyncio.Runner() as runner:
+        if own:
+            token = token or secrets.token_hex(32)
+            why = "--own-stack" if opts["own_stack"] else f"nothing answers on {opts['target']}"
+            typer.echo(f"[bench] {why}: starting the four services", err=True)
+            stack = BenchStack.of(runner.run(start_stack(token, opts)))
+        else:
+            stack = BenchStack.running(
+                opts["target"], opts["topology_prefix"], opts["billing_metrics_url"]
             )
-        stack = BenchStack.running(
-            opts["target"], opts["topology_prefix"], opts["billing_metrics_url"]
-        )
-    bench = Bench(stack, token, opts)
-    try:
-        for name in sections:
-            bench.section(name, getattr(bench, name))
-        bench.results["memory"] = stack.memory()
-    finally:
-        stack.stop()
+        bench = Bench(stack, token, opts)
         try:
-            stack.clean()
-        except Exception as error:  # report, but keep the figures
-            bench.errors["cleanup"] = f"{type(error).__name__}: {error}"
-        if stack.log_dir is not None:
-            if bench.errors:
-                typer.echo(f"[bench] the services' logs are in {stack.log_dir}", err=True)
-            else:
-                shutil.rmtree(stack.log_dir, ignore_errors=True)
+            for name in sections:
+                bench.section(name, getattr(bench, name))
+            bench.results["memory"] = stack.memory()
+        finally:
+            if stack.owned is not None:
+                runner.run(stack.owned.stop())
+                try:
+                    runner.run(stack.owned.clean())
+                except Exception as error:  # report, but keep the figures
+                    bench.errors["cleanup"] = f"{type(error).__name__}: {error}"
+                if bench.errors:
+                    typer.echo(f"[bench] the services' logs are in {stack.owned.log_dir}", err=True)
+                else:
+                    shutil.rmtree(stack.owned.log_dir, ignore_errors=True)
     info["loadavg_1m_at_end"] = float(Path("/proc/loadavg").read_text().split()[0])
     return {
         "started_at": started_at.isoformat(timespec="seconds"),
@@ -275,13 +281,31 @@ def run(opts: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     }
 
 
+async def start_stack(token: str, opts: dict[str, Any]) -> Stack:
+    """The four services on free ports under a bench prefix; removed again if they fail."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}-"
+    stack = Stack(
+        prefix,
+        log_dir=Path(tempfile.mkdtemp(prefix=f"{prefix}logs-")),
+        admin_token=token,
+        rabbitmq_url=opts["rabbitmq_url"],
+        mongodb_url=opts["mongodb_url"],
+        redis_url=opts["redis_url"],
+    )
+    try:
+        await stack.start(timeout_s=90)
+    except BaseException as error:
+        await stack.stop()
+        with contextlib.suppress(Exception):  # whatever it declared before failing
+            await stack.clean()
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        raise RuntimeError(f"bench stack not up: {first_line}; logs in {stack.log_dir}") from None
+    return stack
+
+
 def main(
-    target: Annotated[
-        str, typer.Option(help="Gateway HOST:PORT; the bench starts one if nothing answers.")
-    ] = "127.0.0.1:50051",
-    token: Annotated[
-        str | None, typer.Option(envvar="GATEWAY_TOKEN", help="The gateway's admin token.")
-    ] = None,
+    target: client.Target = client.DEFAULT_TARGET,
+    token: client.Token = None,
     quick: Annotated[bool, typer.Option(help="A smoke run of about a minute.")] = False,
     only: Annotated[
         str, typer.Option(help=f"Comma-separated sections of {','.join(SECTIONS)}.")
@@ -332,9 +356,9 @@ def main(
         "streams": streams,
         "topology_prefix": topology_prefix,
         "billing_metrics_url": billing_metrics_url,
-        "rabbitmq_url": os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-        "mongodb_url": os.environ.get("MONGODB_URL", "mongodb://127.0.0.1:27017/"),
-        "redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "rabbitmq_url": server_url("RABBITMQ_URL"),
+        "mongodb_url": server_url("MONGODB_URL"),
+        "redis_url": server_url("REDIS_URL"),
         **scale,
     }
     results = run(opts, [s for s in SECTIONS + ON_REQUEST if s in sections])
@@ -345,7 +369,3 @@ def main(
     typer.echo(json.dumps(results))
     typer.echo(f"[bench] JSON written to {output}", err=True)
     raise typer.Exit(1 if results["errors"] else 0)
-
-
-if __name__ == "__main__":
-    typer.run(main)

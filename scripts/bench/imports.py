@@ -1,7 +1,7 @@
 """Benchmark of the CSV importer (not a test): rows/s, peak RSS and file size.
 
-    python -m scripts.bench_import --rows 1000000 --target 127.0.0.1:50051
-    python -m scripts.bench_import --rows 200000 --fake-gateway
+    python -m scripts.bench import --rows 1000000 --target 127.0.0.1:50051
+    python -m scripts.bench import --rows 200000 --fake-gateway
 
 Generates a CSV of --rows valid rows over --devices devices (one minute apart per device,
 the last one a minute before now) in a temporary folder, streamed to disk, then imports it.
@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-import resource
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 
-from api_gateway.app import GatewayApp
-from api_gateway.settings import GatewaySettings
-from common.energy.v1 import ingestion_pb2, ingestion_pb2_grpc
+from scripts import client_options as client
+from scripts.bench.fakes import CountingIngestion, fake_gateway
+from scripts.bench.measure import peak_rss_mib
 from scripts.import_csv import ImportConfig, ImportSummary, import_csv
 
 MIB = 1024 * 1024
@@ -54,48 +51,6 @@ def write_csv(path: Path, rows: int, devices: int, now: float, prefix: str = "be
             )
 
 
-class CountingIngestion(ingestion_pb2_grpc.IngestionServicer):
-    """A fake energy.v1.Ingestion that confirms every reading at once and only counts them."""
-
-    def __init__(self) -> None:
-        self.published = 0
-
-    async def Publish(
-        self, request: ingestion_pb2.PublishRequest, context: grpc.aio.ServicerContext
-    ) -> ingestion_pb2.PublishResponse:
-        self.published += len(request.readings)
-        return ingestion_pb2.PublishResponse(published=len(request.readings))
-
-
-@asynccontextmanager
-async def fake_gateway(fake: ingestion_pb2_grpc.IngestionServicer) -> AsyncIterator[str]:
-    """A real GatewayApp on a free port, forwarding to ``fake``; yields its target."""
-    server = grpc.aio.server()
-    ingestion_pb2_grpc.add_IngestionServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    # Auth and rate limits off: this measures the importer and the gateway's own work.
-    settings = GatewaySettings(
-        port=0,
-        ingestion_addr=f"127.0.0.1:{port}",
-        auth_enabled=False,
-        device_rate_per_s=0,
-        global_rate_per_s=0,
-    )
-    gateway = GatewayApp(settings)
-    await gateway.start()
-    try:
-        yield f"127.0.0.1:{gateway.port}"
-    finally:
-        await gateway.stop()
-        await server.stop(None)
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 async def run_import(config: ImportConfig, fake: bool) -> tuple[ImportSummary, int | None]:
     """Import against ``config.target``, or an in-process fake gateway; returns the summary
     and, with the fake, how many readings reached ingestion."""
@@ -103,23 +58,23 @@ async def run_import(config: ImportConfig, fake: bool) -> tuple[ImportSummary, i
         return await import_csv(config), None
     ingestion = CountingIngestion()
     async with fake_gateway(ingestion) as target:
-        summary = await import_csv(ImportConfig(**{**config.__dict__, "target": target}))
+        summary = await import_csv(replace(config, target=target, tls=None))
         return summary, ingestion.published
 
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-
-@app.command(help=__doc__)
 def main(
     rows: Annotated[int, typer.Option(min=1, help="Rows to generate.")] = 1_000_000,
-    target: Annotated[str, typer.Option(help="Gateway HOST:PORT.")] = "127.0.0.1:50051",
+    target: client.Target = client.DEFAULT_TARGET,
     devices: Annotated[int, typer.Option(min=1, help="Distinct device ids.")] = 100,
     fake_gateway_: Annotated[
         bool, typer.Option("--fake-gateway", help="In-process gateway + counting fake ingestion.")
     ] = False,
     batch: Annotated[int, typer.Option(min=1, help="Rows per SendReadings call.")] = 1000,
     streams: Annotated[int, typer.Option(min=1, help="SendReadings calls in flight.")] = 4,
+    token: client.Token = None,
+    tls_ca: client.TlsCa = None,
+    tls_cert: client.TlsCert = None,
+    tls_key: client.TlsKey = None,
 ) -> None:
     """Generate, import, print the figures; exit 1 unless every row was accepted."""
     mode = (
@@ -138,7 +93,10 @@ def main(
             f"in {time.perf_counter() - began:.1f} s"
         )
         rss_before = peak_rss_mib()
-        config = ImportConfig(path, target=target, batch=batch, streams=streams)
+        tls = client.client_tls(tls_ca, tls_cert, tls_key)
+        config = ImportConfig(
+            path, target=target, batch=batch, streams=streams, token=token, tls=tls
+        )
         summary, published = asyncio.run(run_import(config, fake_gateway_))
     typer.echo(summary.render())
     if summary.rejected:
@@ -153,7 +111,3 @@ def main(
         typer.echo(f"fake ingestion received: {published} readings")
     ok = summary.ok and summary.accepted == rows and published in (None, rows)
     raise typer.Exit(0 if ok else 1)
-
-
-if __name__ == "__main__":
-    app()

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.bench_broker import run_measured
+from scripts.bench.measure import run_measured
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO = "common/energy/v1/gateway.proto"
 # Timestamps start this far back, one second apart: more seconds than any run has requests.
 PAST_S = 3 * 86_400

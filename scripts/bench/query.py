@@ -1,6 +1,6 @@
 """Benchmark (not a test): read-side latency on a month of one device's readings.
 
-    python -m scripts.bench_query [--runs 20] [--interval-s 60]
+    python -m scripts.bench query [--runs 20] [--interval-s 60]
 
 Writes last month's readings of one device, one every ``--interval-s`` (60: 43,200 in
 2,880 slots; 5, a logger of the README's fleet: 518,400, 180 in each slot), through
@@ -37,10 +37,8 @@ default_tariff: flat
 tariffs:
   - {id: flat, currency: EUR, time_zone: UTC, energy: {kind: flat, price_per_kwh: "0.3"}}
 """
-app = typer.Typer(add_completion=False)
 
 
-@app.command()
 def main(
     runs: Annotated[int, typer.Option(help="timed runs per query")] = 20,
     interval_s: Annotated[int, typer.Option(help="seconds between the device's readings")] = 60,
@@ -158,7 +156,3 @@ def _report(name: str, timings: list[float]) -> None:
         f"{name:48s} p50 {statistics.median(timings):8.1f} ms   p95 {p95:8.1f} ms   "
         f"max {timings[-1]:8.1f} ms   ({len(timings)} runs)"
     )
-
-
-if __name__ == "__main__":
-    app()

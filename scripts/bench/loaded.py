@@ -1,0 +1,81 @@
+"""The services a bench of the whole platform loads: the running ones (make dev), found by
+make dev's ports, or a :class:`~scripts.bench.stack.Stack` it started itself; and what it
+reads of them (billed readings, CPU time, RSS)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from common.rabbit import Topology
+from scripts.bench.measure import (
+    MONGODB_PROCESS,
+    counter,
+    cpu_by_name,
+    memory_mib,
+    pid_listening_on,
+    process_cpu,
+)
+from scripts.bench.stack import Stack
+
+# make dev's ports (the settings' defaults): where a running stack's pieces are found.
+DEFAULT_LISTEN_PORTS = {
+    "api_gateway": 50051,
+    "ingestion_service": 50052,
+    "billing_service": 50053,
+    "analytics_service": 9100,
+}
+DEFAULT_BILLING_METRICS_URL = "http://127.0.0.1:9103/metrics"
+
+
+@dataclass
+class BenchStack:
+    """Where the services are; ``owned`` is the stack the bench started (None: a running one)."""
+
+    target: str
+    topology: Topology
+    billing_metrics_url: str
+    pids: dict[str, int]
+    owned: Stack | None = None
+
+    @classmethod
+    def running(cls, target: str, topology_prefix: str, billing_metrics_url: str) -> BenchStack:
+        """The stack already serving ``target``; the other services on make dev's ports."""
+        ports = {**DEFAULT_LISTEN_PORTS, "api_gateway": int(target.rsplit(":", 1)[1])}
+        pids = {name: pid for name, port in ports.items() if (pid := pid_listening_on(port))}
+        return cls(target, Topology(topology_prefix), billing_metrics_url, pids)
+
+    @classmethod
+    def of(cls, stack: Stack) -> BenchStack:
+        return cls(stack.gateway, stack.topology, stack.metrics_url("BILLING"), stack.pids, stack)
+
+    def purge(self) -> int:
+        """Empty the bench's own billing and analytics queues (never a stack it did not start)
+        so that a backlog from one figure does not load the next; returns messages dropped."""
+        return asyncio.run(self.owned.purge()) if self.owned is not None else 0
+
+    def billed(self) -> float:
+        """billing_readings_total{result="billed"} now."""
+        return counter(self.billing_metrics_url, "billing_readings_total", {"result": "billed"})
+
+    def store_retries(self) -> float:
+        """billing_store_retries_total now: retries after a transient MongoDB failure."""
+        return counter(self.billing_metrics_url, "billing_store_retries_total", {})
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of each service, RabbitMQ and the MongoDB server."""
+        found = {service: process_cpu(pid) for service, pid in self.pids.items()}
+        servers = cpu_by_name()
+        found["rabbitmq"] = servers.get("beam.smp", 0.0)
+        found["mongodb"] = servers.get(MONGODB_PROCESS, 0.0)
+        return found
+
+    def memory(self) -> dict[str, dict[str, float]]:
+        """Peak and current RSS of each service found (a stopped one is left out)."""
+        found = {}
+        for service, pid in self.pids.items():
+            try:
+                found[service] = {"pid": pid, **memory_mib(pid)}
+            except OSError:
+                continue
+        return found

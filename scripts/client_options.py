@@ -1,0 +1,73 @@
+"""The options every client of the gateway takes, defined once: where the gateway is
+(``--target``), the bearer token (``--token``, or ``GATEWAY_TOKEN``), and TLS (``--tls-ca``,
+with ``--tls-cert`` and ``--tls-key`` for mTLS; plaintext without them).
+
+simulate, import_csv, reconcile and the benchmarks declare their parameters with these
+types and open their channel with :func:`open_channel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+
+from common.gateway_client import TOKEN_ENV, gateway_channel
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+Target = Annotated[str, typer.Option(help="Gateway HOST:PORT.")]
+Token = Annotated[
+    str | None,
+    typer.Option(envvar=TOKEN_ENV, help="Bearer token: a device's, or the admin one."),
+]
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, help="Connect with TLS, trusting this CA (PEM)."),
+]
+TlsCert = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, help="Client certificate for mTLS (PEM)."),
+]
+TlsKey = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, help="Private key of --tls-cert (PEM)."),
+]
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS to the gateway: the CA to trust and, for mTLS, a client certificate and key."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+
+
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ClientTls | None:
+    """The TLS of ``--tls-ca/--tls-cert/--tls-key``; None (plaintext) without a CA."""
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    if ca is None:
+        if cert is not None:
+            raise typer.BadParameter("--tls-cert needs --tls-ca: a certificate is sent over TLS")
+        return None
+    return ClientTls(ca, cert, key)
+
+
+def open_channel(
+    target: str, token: str | None, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A channel to the gateway at ``target``: ``token`` on every call, TLS when given."""
+    return gateway_channel(target, token, options, tls.credentials() if tls else None)
