@@ -55,17 +55,20 @@ async def retrying(
     operation: str,
     policy: RetryPolicy,
     retry_on: tuple[type[BaseException], ...],
+    retry_if: Callable[[BaseException], bool] = lambda error: True,
     on_retry: Callable[[], None] | None = None,
     context: dict[str, object] | None = None,
 ) -> T:
-    """``await call()`` until it returns; on ``retry_on`` wait and call again, within
-    ``policy``; the last failure of a bounded policy is raised."""
+    """``await call()`` until it returns; on ``retry_on`` (that ``retry_if`` accepts) wait
+    and call again, within ``policy``; the last failure of a bounded policy is raised."""
     attempt = 0
     while True:
         attempt += 1
         try:
             return await call()
         except retry_on as error:
+            if not retry_if(error):
+                raise
             if policy.max_attempts is not None and attempt >= policy.max_attempts:
                 raise
             delay_s = policy.delay_s(attempt)

@@ -28,13 +28,13 @@ from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
-import tenacity
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
 from common.models import ID_PATTERN, ID_RULE
+from common.retry import RetryPolicy, retrying
 from scripts import client_options as client
 
 DEVICE_HEADER = ("device_id", "timestamp", "usage_kwh")
@@ -268,23 +268,21 @@ async def _send(
     """One SendReadings call, retried on transient failures; record the outcome."""
     lines, requests = batch
 
-    def count_retry(_state: object) -> None:
+    def count_retry() -> None:
         summary.retries += 1
 
-    retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception(
-            lambda e: isinstance(e, grpc.aio.AioRpcError) and e.code() in RETRYABLE
-        ),
-        stop=tenacity.stop_after_attempt(config.retries + 1),
-        wait=tenacity.wait_exponential(multiplier=config.retry_initial_s, max=config.retry_max_s)
-        + tenacity.wait_random(0, config.retry_initial_s),  # jitter: streams do not retry in step
-        before_sleep=count_retry,
-        reraise=True,
-    )
     try:
-        async for attempt in retrying:
-            with attempt:
-                reply = await stub.SendReadings(iter(requests), timeout=config.timeout_s)
+        reply = await retrying(
+            lambda: stub.SendReadings(iter(requests), timeout=config.timeout_s),
+            operation="import_send",
+            policy=RetryPolicy(config.retry_initial_s, config.retry_max_s, config.retries + 1),
+            retry_on=(grpc.aio.AioRpcError,),
+            retry_if=lambda error: (
+                isinstance(error, grpc.aio.AioRpcError) and error.code() in RETRYABLE
+            ),
+            on_retry=count_retry,
+            context={"first_line": lines[0]},
+        )
     except grpc.aio.AioRpcError as error:
         if not summary.failure:
             summary.failure = (

@@ -64,3 +64,16 @@ def test_the_backoff_grows_to_its_cap() -> None:
     assert all(0 <= policy.delay_s(10) <= 4.0 for _ in range(50))
     assert max(policy.delay_s(10) for _ in range(200)) > 2.0
     assert 0 <= policy.delay_s(100_000) <= 4.0  # hours of waiting: still a number
+
+
+async def test_retry_if_narrows_the_errors_retried() -> None:
+    call = Flaky(1, ConnectionError("permanent"))
+    with pytest.raises(ConnectionError):
+        await retrying(
+            call,
+            operation="test_narrowed",
+            policy=FAST,
+            retry_on=(ConnectionError,),
+            retry_if=lambda error: "transient" in str(error),
+        )
+    assert call.calls == 1
