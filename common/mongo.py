@@ -16,25 +16,18 @@ from motor.motor_asyncio import (
     AsyncIOMotorCollection,
     AsyncIOMotorDatabase,
 )
-from pymongo.errors import (
-    AutoReconnect,
-    ConnectionFailure,
-    ExecutionTimeout,
-    NetworkTimeout,
-    ServerSelectionTimeoutError,
-    WriteConcernError,
-)
+from pymongo import errors
 
 Database = AsyncIOMotorDatabase
 Collection = AsyncIOMotorCollection
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    AutoReconnect,
-    ConnectionFailure,
-    ExecutionTimeout,
-    NetworkTimeout,
-    ServerSelectionTimeoutError,
-    WriteConcernError,
+    errors.AutoReconnect,
+    errors.ConnectionFailure,
+    errors.ExecutionTimeout,
+    errors.NetworkTimeout,
+    errors.ServerSelectionTimeoutError,
+    errors.WriteConcernError,
 )
 
 

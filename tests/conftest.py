@@ -7,11 +7,12 @@ REDIS_URL and MONGODB_URL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -28,6 +29,15 @@ MONGODB_URL = os.environ.get("MONGODB_URL", "mongodb://127.0.0.1:27017/")
 # The gateway's admin credential in every test stack: it may send and read for any device.
 ADMIN_TOKEN = "test-admin-token-not-secret-0123456789"
 ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    """For tests that call configure_logging: the root logger as it was, afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture

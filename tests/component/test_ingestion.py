@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from api_gateway.app import GatewayApp
 from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
+from common.errors import Reason, error_info
 from common.gateway_client import gateway_channel
 from common.models import derive_reading_id
 from common.rabbit import Topology
@@ -164,3 +165,6 @@ async def test_ingestion_unreachable_means_unavailable(prefix: str) -> None:
         assert "ingestion service unreachable" in caught.value.details()
     finally:
         await gateway.stop()
+    info = error_info(caught.value)  # a typed reason naming the service, not only text
+    assert info is not None and info.reason == Reason.UPSTREAM_UNAVAILABLE
+    assert dict(info.metadata) == {"service": "ingestion"}

@@ -10,9 +10,8 @@ import grpc
 import pytest
 
 from api_gateway.app import GatewayApp
-from api_gateway.settings import GatewaySettings
 from common.energy.v1 import gateway_pb2_grpc
-from common.errors import Reason, error_info, reason_of
+from common.errors import Reason, reason_of
 from common.gateway_client import gateway_channel
 from common.rabbit import Topology
 from common.request_id import (
@@ -110,25 +109,3 @@ async def test_broker_down_is_a_typed_reason_logged_by_both_services(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert reason_of(caught.value) == Reason.BROKER_UNAVAILABLE
     assert {"api_gateway", "ingestion_service"} <= services_logging(caplog, "down-1")
-
-
-async def test_ingestion_unreachable_is_upstream_unavailable_naming_the_service() -> None:
-    gateway = GatewayApp(
-        GatewaySettings(
-            port=0,
-            ingestion_addr=f"127.0.0.1:{free_port()}",
-            ingestion_timeout_s=2,
-            admin_token=ADMIN_TOKEN,
-        )
-    )
-    await gateway.start()
-    try:
-        async with gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await gateway_pb2_grpc.GatewayStub(channel).SendReading(request(), timeout=10)
-    finally:
-        await gateway.stop()
-    info = error_info(caught.value)
-    assert info is not None and info.reason == Reason.UPSTREAM_UNAVAILABLE
-    assert dict(info.metadata) == {"service": "ingestion"}
-    assert "ingestion service unreachable" in (caught.value.details() or "")

@@ -11,11 +11,8 @@ from common.logging import configure_logging
 
 
 @pytest.fixture(autouse=True)
-def _restore_root_handlers():  # type: ignore[no-untyped-def]
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+def _restore_logging(restore_root_logging: None) -> None:
+    """configure_logging replaces the root handlers: put pytest's back afterwards."""
 
 
 def test_json_lines_carry_the_extra_fields(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,11 +13,8 @@ from common.request_id import REQUEST_ID_HEADER, accept, bound, from_message_hea
 
 
 @pytest.fixture(autouse=True)
-def _restore_root_handlers():  # type: ignore[no-untyped-def]
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+def _restore_logging(restore_root_logging: None) -> None:
+    """configure_logging replaces the root handlers: put pytest's back afterwards."""
 
 
 def test_a_plain_id_is_kept_anything_else_replaced() -> None:
