@@ -35,9 +35,6 @@ BILLED = Gauge(
     "Month-to-date total of the accounts' bills (standing charges and tax included), by currency.",
     ["currency"],
 )
-# The delay reached its cap long before: RetryPolicy.delay_s computes 2 ** (attempt - 1) as
-# a float, which overflows past attempt 1025 (about three hours of 10 s retries).
-MAX_DOUBLINGS = 30
 
 
 class FailureLog:
@@ -110,7 +107,7 @@ class CatalogView:
             except Exception as error:  # counted and logged; the view is kept
                 failures.failed(error)
                 failed_in_a_row += 1
-                delay_s = policy.delay_s(min(failed_in_a_row, MAX_DOUBLINGS))
+                delay_s = policy.delay_s(failed_in_a_row)
             else:
                 failures.succeeded()
                 failed_in_a_row = 0
@@ -139,7 +136,7 @@ async def restore_activity(billing: BillingClient, tally: Tally, give_up_after_s
             if time.monotonic() >= deadline:
                 log.warning("gave up restoring device activity; it starts empty")
                 return 0
-            await asyncio.sleep(WAIT_FOR_DEPENDENCY.delay_s(min(attempt, MAX_DOUBLINGS)))
+            await asyncio.sleep(WAIT_FOR_DEPENDENCY.delay_s(attempt))
     failures.succeeded()
     now = datetime.now(UTC)
     for device_id, timestamp in latest.items():
