@@ -66,8 +66,40 @@ class RowProblem:
     reason: str
 
 
-def parse_timestamp(text: str, zone: tzinfo = UTC) -> datetime:
-    """ISO-8601 or ``YYYY-MM-DD HH:MM:SS`` as an aware UTC datetime; naive means ``zone``."""
+class LocalTimes:
+    """Naive local times resolved the way a meter writes them, in a file in time order.
+
+    Where the clocks go back, a local time happens twice: its first row in the file is the
+    earlier instant, the second row with the same device and local time the later one
+    (fold=1), so both hours are billed. Where they go forward, a local time never happens:
+    the row is bad, with a reason that says so, rather than moved onto another hour.
+    """
+
+    def __init__(self, zone: tzinfo) -> None:
+        self.zone = zone
+        self._seen_ambiguous: set[tuple[str, datetime]] = set()
+
+    def resolve(self, naive: datetime, device: str = "") -> datetime:
+        earlier, later = naive.replace(tzinfo=self.zone), naive.replace(tzinfo=self.zone, fold=1)
+        if earlier.utcoffset() == later.utcoffset():
+            return earlier.astimezone(UTC)
+        if earlier.astimezone(UTC).astimezone(self.zone).replace(tzinfo=None) != naive:
+            raise ValueError(
+                f"local time {naive.isoformat(sep=' ')} does not exist in {self.zone} (the "
+                "clocks went forward then); check the row, or write it with a UTC offset"
+            )
+        key = (device, naive)
+        if key in self._seen_ambiguous:
+            return later.astimezone(UTC)
+        self._seen_ambiguous.add(key)
+        return earlier.astimezone(UTC)
+
+
+def parse_timestamp(
+    text: str, zone: tzinfo = UTC, local_times: LocalTimes | None = None, device: str = ""
+) -> datetime:
+    """ISO-8601 or ``YYYY-MM-DD HH:MM:SS`` as an aware UTC datetime; naive means ``zone``
+    (resolved by ``local_times``, which remembers the file's ambiguous times)."""
     text = text.strip()
     if not text:
         raise ValueError("timestamp is empty")
@@ -75,13 +107,16 @@ def parse_timestamp(text: str, zone: tzinfo = UTC) -> datetime:
         if "T" not in text and " " not in text:
             raise ValueError("no time of day")
         value = datetime.fromisoformat(text)
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=zone)
-        return value.astimezone(UTC)
+        if value.tzinfo is not None:
+            return value.astimezone(UTC)
     except (ValueError, OverflowError):
         raise ValueError(
             f"timestamp {text[:40]!r} is not ISO-8601 (2024-05-01T12:00:00Z) or YYYY-MM-DD HH:MM:SS"
         ) from None
+    try:
+        return (local_times or LocalTimes(zone)).resolve(value, device)
+    except OverflowError:
+        raise ValueError(f"timestamp {text[:40]!r} is out of range in {zone}") from None
 
 
 def parse_usage(text: str) -> float:
@@ -117,6 +152,7 @@ def _rows(
     reader: Iterator[list[str]], device: str | None, zone: tzinfo, header: str
 ) -> Iterator[ParsedRow | RowProblem]:
     width = 2 if device else 3
+    local_times = LocalTimes(zone)
     line = 2  # where the next row starts; reader.line_num counts physical lines read
     while True:
         start = line
@@ -134,7 +170,9 @@ def _rows(
             continue
         owner, stamp, usage = (device, *fields) if device else fields
         try:
-            yield ParsedRow(start, owner.strip(), parse_timestamp(stamp, zone), parse_usage(usage))
+            owner = owner.strip()
+            timestamp = parse_timestamp(stamp, zone, local_times, owner)
+            yield ParsedRow(start, owner, timestamp, parse_usage(usage))
         except ValueError as error:
             yield RowProblem(start, str(error))
 

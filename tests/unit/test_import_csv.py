@@ -111,6 +111,57 @@ def test_timestamp_formats() -> None:
         parse_timestamp("01/05/2024 12:00")
 
 
+def oslo_day_file(day: datetime, skip_gap: bool = True) -> tuple[str, float]:
+    """A meter's 15-minute file of one Oslo day, as it writes it (wall-clock times, in
+    order); returns the text and the day's energy in kWh. Where the clocks go back the
+    02:00-02:45 rows appear twice; where they go forward a meter writes none."""
+    oslo = ZoneInfo("Europe/Oslo")
+    start = day.replace(tzinfo=oslo).astimezone(UTC)
+    end = (day + timedelta(days=1)).replace(tzinfo=oslo).astimezone(UTC)
+    lines, energy, k, stamp = ["time,meterusage\n"], 0.0, 0, start + timedelta(minutes=15)
+    while stamp <= end:
+        kwh = round(0.1 + k / 1000, 3)
+        local = stamp.astimezone(oslo).replace(tzinfo=None)
+        lines.append(f"{local:%Y-%m-%d %H:%M:%S},{kwh}\n")
+        energy, k, stamp = energy + kwh, k + 1, stamp + timedelta(minutes=15)
+    return "".join(lines), energy
+
+
+def test_the_night_clocks_go_back_bills_both_hours() -> None:
+    text, energy = oslo_day_file(datetime(2026, 10, 25))
+    rows = parse(text, device="meter-7", zone="Europe/Oslo")
+    assert len(rows) == 100 and all(isinstance(r, ParsedRow) for r in rows)
+    stamps = [r.timestamp for r in rows]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 100  # the second 02:15 is later
+    assert stamps[8:9] == [utc(2026, 10, 25, 0, 15)]  # first 02:15, summer time (UTC+2)
+    assert stamps[12:13] == [utc(2026, 10, 25, 1, 15)]  # second 02:15, winter time (UTC+1)
+    assert sum(r.usage_kwh for r in rows) == pytest.approx(energy)
+
+
+def test_the_night_clocks_go_forward_a_time_that_never_happened_is_a_bad_row() -> None:
+    text, energy = oslo_day_file(datetime(2026, 3, 29))
+    rows = parse(text, device="meter-7", zone="Europe/Oslo")
+    assert len(rows) == 92 and len({r.timestamp for r in rows}) == 92
+    assert sum(r.usage_kwh for r in rows) == pytest.approx(energy)
+    bad = parse("time,meterusage\n2026-03-29 02:15:00,1.0\n", "meter-7", "Europe/Oslo")
+    assert bad == [
+        RowProblem(
+            2,
+            "local time 2026-03-29 02:15:00 does not exist in Europe/Oslo (the clocks went "
+            "forward then); check the row, or write it with a UTC offset",
+        )
+    ]
+
+
+def test_ambiguous_times_are_resolved_per_device() -> None:
+    text = HEADER + "a,2026-10-25 02:15:00,1\nb,2026-10-25 02:15:00,2\na,2026-10-25 02:15:00,3\n"
+    assert [r.timestamp for r in parse(text, zone="Europe/Oslo")] == [
+        utc(2026, 10, 25, 0, 15),
+        utc(2026, 10, 25, 0, 15),
+        utc(2026, 10, 25, 1, 15),
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "device", "message"),
     [
@@ -241,6 +292,22 @@ async def test_meter_usage_form_with_device(
     assert (summary.rows_read, summary.accepted, summary.rejected_gateway) == (2, 1, 1)
     assert [p.line for p in summary.problems] == [3]
     assert fake.records == [expected("meter-7", utc(2018, 12, 31, 23, 15), 55.09)]
+
+
+async def test_both_dst_nights_import_every_row_once(
+    stack: tuple[RecordingIngestion, str], tmp_path: Path
+) -> None:
+    fake, target = stack
+    for day, rows in ((datetime(2026, 10, 25), 100), (datetime(2026, 3, 29), 92)):
+        text, energy = oslo_day_file(day)
+        path = tmp_path / f"{day:%m}.csv"
+        path.write_text(text)
+        before = len(fake.records)
+        summary = await import_csv(config(path, target, device="m-9", time_zone="Europe/Oslo"))
+        assert (summary.rows_read, summary.accepted, summary.duplicates) == (rows, rows, 0)
+        sent = fake.records[before:]
+        assert len({rid for rid, *_ in sent}) == rows  # no two rows share a reading id
+        assert sum(kwh for *_, kwh in sent) == pytest.approx(energy)
 
 
 async def test_importing_twice_sends_the_same_derived_ids(
