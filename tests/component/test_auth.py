@@ -257,6 +257,7 @@ async def test_two_gateway_processes_share_the_global_rate(
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": prefix,
         "MONGODB_URL": MONGODB_URL,
+        "MONGODB_DATABASE": prefix.strip("-"),  # never the default `energy` of make dev
         "RABBITMQ_URL": RABBITMQ_URL,
     }
     processes = [

@@ -154,6 +154,8 @@ async def test_ingestion_unreachable_means_unavailable(prefix: str) -> None:
             ingestion_addr=f"127.0.0.1:{free_port()}",
             ingestion_timeout_s=2,
             admin_token=ADMIN_TOKEN,
+            mongodb_database=prefix.strip("-"),  # never the default `energy` of make dev
+            redis_key_prefix=prefix,
         )
     )
     await gateway.start()

@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from api_gateway.adapters.ingestion import IngestionClient
 from common.grpc_server import GrpcServer
 from common.models import Reading, derive_reading_id
+from common.rabbit import Topology
 from common.settings import load_settings
 from common.tls import (
     InternalClientTlsSettings,
@@ -26,7 +27,7 @@ from common.tls import (
 )
 from ingestion_service.app import IngestionApp
 from ingestion_service.settings import IngestionSettings
-from tests.conftest import RABBITMQ_URL, delete_topology
+from tests.conftest import RABBITMQ_URL, delete_topology, ready_count
 
 T = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
@@ -82,7 +83,9 @@ async def mtls_ingestion(prefix: str, pki: Pki) -> AsyncIterator[str]:
     await delete_topology(prefix)
 
 
-async def test_a_client_with_a_certificate_publishes_over_mtls(mtls_ingestion: str, pki) -> None:
+async def test_a_client_with_a_certificate_publishes_over_mtls(
+    mtls_ingestion: str, pki, prefix: str
+) -> None:
     tls = InternalClientTlsSettings(
         internal_tls_ca_file=pki.ca,
         internal_tls_cert_file=pki.client_cert,
@@ -93,6 +96,9 @@ async def test_a_client_with_a_certificate_publishes_over_mtls(mtls_ingestion: s
         await client.publish([reading()])
     finally:
         await client.close()
+    topology = Topology(prefix)  # published and confirmed: in both queues
+    assert await ready_count(topology.billing_queue) == 1
+    assert await ready_count(topology.analytics_queue) == 1
 
 
 @pytest.mark.parametrize(
