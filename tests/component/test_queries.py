@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 import redis.asyncio as redis
+from prometheus_client import REGISTRY
 
 from billing_service.adapters.catalog_file import parse_catalog
 from billing_service.adapters.mongo import MongoCatalog
@@ -174,16 +175,35 @@ async def test_bills_are_the_same_from_redis_from_mongodb_and_with_redis_down(ru
     )
     assert [line.amount for line in first.lines] == [str(line.amount) for line in expected.lines]
     assert not first.unregistered
+    months = {SlotKey.of(r).month for r in batch}
+    assert await redis_holds_all_of(running, months)  # the first bill filled Redis
     assert await device_bill(running, "meter-1") == first  # now from Redis's complete copy
 
     client = redis.Redis.from_url(running.app.settings.redis_url)
     await client.flushall()
     await client.aclose()
+    assert not await redis_holds_all_of(running, months)
     assert await device_bill(running, "meter-1") == first  # flushed: rebuilt from MongoDB
+    assert await redis_holds_all_of(running, months)
 
     running.redis_process.kill()
     await running.redis_process.wait()
+    failures = cache_failures()
     assert await device_bill(running, "meter-1") == first  # Redis down: MongoDB answers
+    assert cache_failures() > failures, "Redis down, yet no query fell back to MongoDB"
+
+
+async def redis_holds_all_of(running, months: set[str]) -> bool:  # type: ignore[no-untyped-def]
+    """Every month of meter-1 cached in full with no slot awaiting a refresh."""
+    cached = [await running.app.cache.month_slots("meter-1", month) for month in months]
+    return all(month.current for month in cached)
+
+
+def cache_failures() -> float:
+    return sum(
+        REGISTRY.get_sample_value("billing_query_cache_failures_total", {"operation": op}) or 0
+        for op in ("month_slots", "refresh_month", "latest", "put_latest")
+    )
 
 
 async def test_an_account_bill_sums_its_devices(running) -> None:
