@@ -13,6 +13,8 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TypeVar
 
 import pytest
@@ -92,12 +94,28 @@ async def wait_while_progressing(
 
 
 def expected_totals(readings: Iterable[Reading]) -> dict[SlotKey, Total]:
-    """What billing must hold: each distinct reading id counted once in its slot."""
+    """What billing must hold: each distinct reading id counted once in its slot.
+
+    Worked out here, not with billing's code: the slot is found by integer arithmetic on
+    microseconds since the epoch, the energy from the decimal text of the kWh.
+    """
     totals: dict[SlotKey, Total] = {}
     for r in {r.reading_id: r for r in readings}.values():
-        key = SlotKey.of(r)
-        totals[key] = totals.get(key, Total()) + Total(1, r.usage_milliwh)
+        key = SlotKey(r.device_id, _slot_holding(r.timestamp))
+        milliwh = int((Decimal(repr(r.usage_kwh)) * 1_000_000).to_integral_value(ROUND_HALF_EVEN))
+        totals[key] = totals.get(key, Total()) + Total(1, milliwh)
     return totals
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SLOT_US = 15 * 60 * 1_000_000
+
+
+def _slot_holding(timestamp: datetime) -> datetime:
+    """Start of the 15-minute UTC slot (start, start + 15 min] that holds ``timestamp``:
+    energy of the interval ending at 07:00:00 belongs to 06:45."""
+    micros = (timestamp.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
+    return _EPOCH + timedelta(microseconds=(micros - 1) // _SLOT_US * _SLOT_US)
 
 
 async def delete_topology(prefix: str) -> None:
