@@ -36,6 +36,8 @@ from common.models import Reading
 from common.mongo import Database, connect, transient_as
 
 log = logging.getLogger(__name__)
+# The layout of device_slots, recorded in the meta collection once migrate_layout ran.
+LAYOUT, MAP_LAYOUT = "device_slots_layout", 2
 
 
 def _utc(value: datetime) -> datetime:
@@ -78,6 +80,7 @@ class MongoLedger:
         # to a SIGKILL). One journal flush per batch, not one per slot.
         self.readings = database.get_collection("readings", write_concern=WriteConcern(j=True))
         self.device_slots = database["device_slots"]
+        self._meta = database["meta"]
 
     @classmethod
     def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
@@ -131,6 +134,9 @@ class MongoLedger:
         """
         migrated = 0
         with transient_as(TransientFailure):
+            # Done once per database: finding old slots scans the whole collection.
+            if await self._meta.find_one({"_id": LAYOUT, "version": MAP_LAYOUT}):
+                return 0
             async for slot in self.device_slots.find({"reading_ids": {"$exists": True}}):
                 energy = {}
                 async for document in self.readings.find(
@@ -156,6 +162,9 @@ class MongoLedger:
                     },
                 )
                 migrated += 1
+            await self._meta.update_one(
+                {"_id": LAYOUT}, {"$set": {"version": MAP_LAYOUT}}, upsert=True
+            )
         if migrated:
             log.info("slots rewritten in the map layout", extra={"slots": migrated})
         return migrated
