@@ -75,9 +75,9 @@ bench-import: install $(ADMIN_TOKEN_FILE) ## Import 1,000,000 generated rows int
 simulate: install $(ADMIN_TOKEN_FILE) ## Virtual loggers: DEVICES, RATE (readings/s), DURATION (s), LEDGER (JSONL of acks)
 	$(PY) -m scripts.simulate --devices $(DEVICES) --rate $(RATE) --duration $(DURATION) --target $(TARGET) $(if $(LEDGER),--ledger $(LEDGER) --resend-for-s 120)
 
-reconcile: install $(ADMIN_TOKEN_FILE) ## Check a ledger of acknowledged readings against billing: LEDGER=path
-	@test -n "$(LEDGER)" || { echo "usage: make reconcile LEDGER=path.jsonl"; exit 2; }
-	$(PY) -m scripts.reconcile $(LEDGER) --target $(TARGET) --wait-s 30
+reconcile: install $(ADMIN_TOKEN_FILE) ## Check a ledger's readings and bills against billing: LEDGER=path, CATALOG
+	@test -n "$(LEDGER)" || { echo "usage: make reconcile LEDGER=path.jsonl [CATALOG=tariffs.yaml]"; exit 2; }
+	$(PY) -m scripts.reconcile $(LEDGER) --catalog $(CATALOG) --target $(TARGET) --wait-s 30
 
 dlq: install ## List dead-lettered messages with their reasons (they stay in the queue)
 	$(PY) -m scripts.dlq list

@@ -1,31 +1,614 @@
-"""Bills in the reconciliation: every bill checked against a computation of its own.
+"""Bills in the reconciliation: every bill of the ledger's devices and accounts, checked
+against a computation of its own.
 
-Work in progress: the public API below is fixed; the computation follows.
+For every device in the ledger and every local month its readings touch (in its tariff's
+time zone), ``GetDeviceBill`` is compared line by line with a bill worked out here from
+the catalog file and the ledger alone; so is ``GetAccountBill`` of every account with a
+device in the ledger, for each of those months. This module does not import billing's
+code: it re-derives the rules from their description (README "Tariffs, accounts and
+bills"), so a mistake in billing's pricing shows up as a difference instead of being
+repeated. The rules:
+
+- a reading's energy is whole milliwatt-hours, ``round(usage_kwh * 1e6)`` of the float,
+  used in the 15 minutes before its timestamp, on the UTC 15-minute grid (07:30:00 is in
+  07:15-07:30, 07:30:01 in 07:30-07:45);
+- the period is the calendar month in the tariff's time zone;
+- time-of-use: a slot's band is that of its local start time and weekday, one line per
+  band name in tariff order; tiered: the month's total is split across the tiers;
+- standing charge per local day from the period's first day up to and including the day
+  of the bill's ``as_of`` (taken from the answer: billing sets it to min(now, period end));
+- each line rounded once, half up, to the currency's minor unit; subtotal = the sum of the
+  lines; tax = subtotal * rate, rounded; an account's total is its device bills' totals.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
+import grpc
+import yaml
+
+from common.energy.v1 import billing_pb2, gateway_pb2_grpc
 from scripts import client_options as client
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+SLOT_US = 15 * 60 * 1_000_000  # a slot, in microseconds
+MILLIWH_PER_KWH = 1_000_000
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# ISO 4217 currencies whose minor unit is not the cent; every other has two decimals.
+MINOR_UNITS = {
+    **dict.fromkeys(
+        "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split(), 0
+    ),
+    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 3),
+    **dict.fromkeys("CLF UYW".split(), 4),
+}
+# Billing marks Redis after its MongoDB write, and loads a new catalog within its refresh
+# interval: a bill that differs is asked again for this long before it counts as different.
+SETTLE_S = 10.0
+# A closed period's as_of must be its end; allow the checker's clock this much skew.
+CLOCK_SKEW = timedelta(minutes=1)
+
+
+# --- the catalog, read as text -------------------------------------------------------------
+
+
+class _NumbersAsText(yaml.SafeLoader):
+    """safe_load without int and float: numbers stay their text, so 0.30 is exactly 0.30."""
+
+
+_NumbersAsText.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if not tag.endswith((":int", ":float"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+@dataclass(frozen=True)
+class Band:
+    name: str
+    price: Decimal
+    days: frozenset[int]  # weekday numbers, Monday 0
+    start_minute: int  # local minutes after midnight, [start, end)
+    end_minute: int
+
+
+@dataclass(frozen=True)
+class Tariff:
+    id: str
+    currency: str
+    zone: ZoneInfo
+    standing_per_day: Decimal
+    tax_rate: Decimal
+    kind: str  # flat, time_of_use or tiered
+    flat_price: Decimal = Decimal(0)
+    bands: tuple[Band, ...] = ()
+    tiers: tuple[tuple[Decimal | None, Decimal], ...] = ()  # (up to kWh or None, price)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    default_tariff: str
+    tariffs: dict[str, Tariff]
+    device_tariff: dict[str, str]  # device id -> tariff id
+    account_devices: dict[str, list[str]]  # account id -> its devices, in file order
+
+    def tariff_of(self, device_id: str) -> Tariff:
+        return self.tariffs[self.device_tariff.get(device_id, self.default_tariff)]
+
+    def account_of(self, device_id: str) -> str | None:
+        for account, devices in self.account_devices.items():
+            if device_id in devices:
+                return account
+        return None
+
+
+def read_catalog(path: Path) -> Catalog:
+    """The tariff catalog file (the one ``make seed`` loaded); ValueError if it is not one."""
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NumbersAsText)  # noqa: S506
+        tariffs = {t["id"]: _tariff(t) for t in data["tariffs"]}
+        devices = data.get("devices") or []
+        accounts: dict[str, list[str]] = defaultdict(list)
+        for device in devices:
+            accounts[str(device["account"])].append(str(device["id"]))
+        return Catalog(
+            default_tariff=str(data["default_tariff"]),
+            tariffs=tariffs,
+            device_tariff={str(d["id"]): str(d["tariff"]) for d in devices},
+            account_devices=dict(accounts),
+        )
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, ArithmeticError) as error:
+        raise ValueError(f"{path}: not a tariff catalog the check can read: {error!r}") from None
+
+
+def _tariff(data: Mapping[str, Any]) -> Tariff:
+    energy = data["energy"]
+    kind = energy["kind"]
+    tariff = Tariff(
+        id=str(data["id"]),
+        currency=data["currency"],
+        zone=ZoneInfo(data["time_zone"]),
+        standing_per_day=Decimal(str(data.get("standing_charge_per_day", "0"))),
+        tax_rate=Decimal(str(data.get("tax_rate", "0"))),
+        kind=kind,
+    )
+    if kind == "flat":
+        return replace(tariff, flat_price=Decimal(str(energy["price_per_kwh"])))
+    if kind == "time_of_use":
+        bands = tuple(
+            Band(
+                name=str(band["name"]),
+                price=Decimal(str(band["price_per_kwh"])),
+                days=frozenset(WEEKDAYS.index(day) for day in band.get("days", WEEKDAYS)),
+                start_minute=_minutes(band["start"]),
+                end_minute=_minutes(band["end"]),
+            )
+            for band in energy["bands"]
+        )
+        return replace(tariff, bands=bands)
+    if kind == "tiered":
+        tiers = tuple(
+            (
+                None if tier.get("up_to_kwh") is None else Decimal(str(tier["up_to_kwh"])),
+                Decimal(str(tier["price_per_kwh"])),
+            )
+            for tier in energy["tiers"]
+        )
+        return replace(tariff, tiers=tiers)
+    raise ValueError(f"tariff {data['id']!r}: unknown energy kind {kind!r}")
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = str(hhmm).split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+# --- the ledger ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerReading:
+    timestamp: datetime  # UTC
+    usage_kwh: float  # as the gateway got it: a double
+
+
+def read_ledger_readings(path: Path) -> dict[str, dict[str, LedgerReading]]:
+    """device id -> reading id -> reading; a reading resent (same id) counts once."""
+    devices: dict[str, dict[str, LedgerReading]] = defaultdict(dict)
+    with path.open() as ledger:
+        for number, line in enumerate(ledger, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                stamp = datetime.fromisoformat(entry["timestamp"]).astimezone(UTC)
+                usage = float(entry["usage_kwh"])
+                devices[entry["device_id"]][entry["reading_id"]] = LedgerReading(stamp, usage)
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not a ledger line ({error})") from None
+    return dict(devices)
+
+
+def milliwh(usage_kwh: float) -> int:
+    """A reading's energy as billing stores it: the float product, rounded half-even."""
+    return round(usage_kwh * MILLIWH_PER_KWH)
+
+
+def slot_start(timestamp: datetime) -> datetime:
+    """Start of the UTC 15-minute slot (start, start + 15 min] that holds ``timestamp``."""
+    microseconds = (timestamp - EPOCH) // timedelta(microseconds=1)
+    return EPOCH + timedelta(microseconds=(microseconds - 1) // SLOT_US * SLOT_US)
+
+
+# --- periods and the expected bill ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Period:
+    """A local calendar month as UTC instants [start, end)."""
+
+    label: str  # YYYY-MM
+    start: datetime
+    end: datetime
+    first_day: date
+    days: int
+
+
+def period_of(zone: ZoneInfo, year: int, month: int) -> Period:
+    first = date(year, month, 1)
+    following = date(year + month // 12, month % 12 + 1, 1)
+    return Period(
+        label=f"{year:04d}-{month:02d}",
+        start=_local_midnight(first, zone),
+        end=_local_midnight(following, zone),
+        first_day=first,
+        days=(following - first).days,
+    )
+
+
+def period_containing(zone: ZoneInfo, instant: datetime) -> Period:
+    local = instant.astimezone(zone)
+    return period_of(zone, local.year, local.month)
+
+
+def _local_midnight(day: date, zone: ZoneInfo) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Line:
+    description: str
+    quantity: str
+    unit: str
+    unit_price: str
+    amount: str
+
+    def __str__(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.description}: {self.quantity}{unit} x {self.unit_price} = {self.amount}"
+
+
+@dataclass(frozen=True)
+class ExpectedBill:
+    """A device's bill as this check works it out, every number as the API writes it."""
+
+    tariff_id: str
+    currency: str
+    period: Period
+    energy_kwh: str
+    lines: tuple[Line, ...]
+    subtotal: str
+    tax: str
+    total: str
+
+
+def plain(number: Decimal) -> str:
+    """A quantity written plainly: no exponent, no trailing zeros (4.5, 600, 0)."""
+    return format(number.normalize(), "f")
+
+
+def money(amount: Decimal, currency: str) -> Decimal:
+    """Rounded once, half up, to the currency's minor unit."""
+    places = MINOR_UNITS.get(currency, 2)
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+
+
+def standing_days(period: Period, zone: ZoneInfo, as_of: datetime) -> int:
+    """Local days from the period's first up to and including the day of ``as_of``."""
+    if as_of < period.start:
+        return 0
+    if as_of >= period.end:
+        return period.days
+    return (as_of.astimezone(zone).date() - period.first_day).days + 1
+
+
+def expected_bill(
+    tariff: Tariff, period: Period, readings: Iterable[LedgerReading], as_of: datetime
+) -> ExpectedBill:
+    """The bill of ``readings`` (one device's) for ``period``, up to ``as_of``."""
+    slots: dict[datetime, int] = defaultdict(int)  # milliwatt-hours by UTC slot start
+    for reading in readings:
+        start = slot_start(reading.timestamp)
+        if period.start <= start < period.end:
+            slots[start] += milliwh(reading.usage_kwh)
+    days = Decimal(standing_days(period, tariff.zone, as_of))
+    priced = [*_energy(tariff, slots), ("Standing charge", days, "day", tariff.standing_per_day)]
+    lines, subtotal = [], money(Decimal(0), tariff.currency)
+    for description, quantity, unit, price in priced:
+        amount = money(quantity * price, tariff.currency)
+        lines.append(Line(description, plain(quantity), unit, str(price), str(amount)))
+        subtotal += amount
+    tax = money(subtotal * tariff.tax_rate, tariff.currency)
+    percent = plain(tariff.tax_rate * 100)
+    lines.append(Line(f"Tax {percent}%", str(subtotal), "", str(tariff.tax_rate), str(tax)))
+    return ExpectedBill(
+        tariff_id=tariff.id,
+        currency=tariff.currency,
+        period=period,
+        energy_kwh=plain(_kwh(sum(slots.values()))),
+        lines=tuple(lines),
+        subtotal=str(subtotal),
+        tax=str(tax),
+        total=str(subtotal + tax),
+    )
+
+
+def _kwh(milliwatt_hours: int) -> Decimal:
+    return Decimal(milliwatt_hours).scaleb(-6)
+
+
+Priced = tuple[str, Decimal, str, Decimal]  # description, quantity, unit, unit price
+
+
+def _energy(tariff: Tariff, slots: Mapping[datetime, int]) -> list[Priced]:
+    """The energy lines before rounding."""
+    if tariff.kind == "flat":
+        return [("Energy", _kwh(sum(slots.values())), "kWh", tariff.flat_price)]
+    if tariff.kind == "time_of_use":
+        by_name: dict[str, int] = {}
+        prices: dict[str, Decimal] = {}
+        for band in tariff.bands:  # tariff order; a band written in pieces is one line
+            by_name.setdefault(band.name, 0)
+            prices.setdefault(band.name, band.price)
+        for start, energy in slots.items():
+            by_name[_band_at(tariff, start).name] += energy
+        return [(f"Energy ({n})", _kwh(e), "kWh", prices[n]) for n, e in by_name.items()]
+    total = _kwh(sum(slots.values()))
+    lines: list[Priced] = []
+    lower = Decimal(0)
+    for up_to, price in tariff.tiers:
+        top = total if up_to is None else min(total, up_to)
+        if up_to is None:
+            description = f"Energy above {plain(lower)} kWh"
+        else:
+            description = f"Energy {plain(lower)}-{plain(up_to)} kWh"
+        lines.append((description, max(Decimal(0), top - lower), "kWh", price))
+        lower = up_to if up_to is not None else lower
+    return lines
+
+
+def _band_at(tariff: Tariff, slot: datetime) -> Band:
+    local = slot.astimezone(tariff.zone)
+    minute = local.hour * 60 + local.minute
+    for band in tariff.bands:
+        if local.weekday() in band.days and band.start_minute <= minute < band.end_minute:
+            return band
+    raise ValueError(f"tariff {tariff.id!r}: no band holds {local.isoformat()}")
+
+
+def months_touched(zone: ZoneInfo, readings: Iterable[LedgerReading]) -> list[Period]:
+    """The local months (in ``zone``) that hold a slot of these readings."""
+    found = {period_containing(zone, slot_start(r.timestamp)) for r in readings}
+    return sorted(found, key=lambda period: period.start)
+
+
+# --- comparing with billing's answers ------------------------------------------------------
+
+
+def compare_bill(
+    expected: ExpectedBill, billed: billing_pb2.Bill, unregistered: bool, asked_at: datetime
+) -> list[str]:
+    """What differs between the expected bill and billing's, one phrase each."""
+    pairs: list[tuple[str, object, object]] = [
+        ("tariff", expected.tariff_id, billed.tariff_id),
+        ("currency", expected.currency, billed.currency),
+        ("period", expected.period.label, billed.period),
+        ("period_start", expected.period.start, billed.period_start.ToDatetime(tzinfo=UTC)),
+        ("period_end", expected.period.end, billed.period_end.ToDatetime(tzinfo=UTC)),
+        ("unregistered", unregistered, billed.unregistered),
+        ("energy_kwh", expected.energy_kwh, billed.energy_kwh),
+    ]
+    for index in range(max(len(expected.lines), len(billed.lines))):
+        want = expected.lines[index] if index < len(expected.lines) else None
+        got = _line(billed.lines[index]) if index < len(billed.lines) else None
+        pairs.append((f"line {index + 1}", want, got))
+    pairs += [
+        ("subtotal", expected.subtotal, billed.subtotal),
+        ("tax", expected.tax, billed.tax),
+        ("total", expected.total, billed.total),
+    ]
+    differences = [
+        f"{what}: expected {want}, billed {got}" for what, want, got in pairs if want != got
+    ]
+    as_of = billed.as_of.ToDatetime(tzinfo=UTC)
+    period = expected.period
+    if not period.start <= as_of <= period.end:
+        differences.append(f"as_of {as_of.isoformat()} is outside the period")
+    elif period.end <= asked_at - CLOCK_SKEW and as_of != period.end:
+        differences.append(f"as_of {as_of.isoformat()}: the period is closed, expected its end")
+    return differences
+
+
+def _line(line: billing_pb2.LineItem) -> Line:
+    return Line(line.description, line.quantity, line.unit, line.unit_price, line.amount)
+
+
+@dataclass
+class BillCheck:
+    """One bill asked for and compared: a device's, or an account's (``account`` set)."""
+
+    subject: str  # device id, or account id
+    period: str
+    account: bool = False
+    tariff: str = ""
+    currency: str = ""
+    energy_kwh: str = ""
+    expected_total: str = ""
+    billed_total: str = ""
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        return not self.differences
 
 
 @dataclass
 class BillReport:
     """The outcome of one bill check: ``exact`` when every bill matched to the cent."""
 
-    rows: list[str] = field(default_factory=list)
-    differences: list[str] = field(default_factory=list)
-    checked_devices: int = 0
-    checked_accounts: int = 0
+    checks: list[BillCheck] = field(default_factory=list)
+    checked_devices: int = 0  # distinct devices whose bills were checked
+    checked_accounts: int = 0  # distinct accounts
 
     @property
     def exact(self) -> bool:
-        return not self.differences
+        return all(check.exact for check in self.checks)
 
     def render(self) -> str:
-        return "\n".join([*self.rows, *self.differences])
+        """A row per bill, the differences under it; the last line sums it up."""
+        lines = [
+            f"{'bill':32} {'period':8} {'tariff':20} {'energy kWh':>14} "
+            f"{'expected':>16} {'billed':>12}"
+        ]
+        for check in self.checks:
+            name = f"account {check.subject}" if check.account else check.subject
+            mark = "" if check.exact else "   <-- differs"
+            expected = f"{check.currency} {check.expected_total}"
+            lines.append(
+                f"{name:32} {check.period:8} {check.tariff:20} {check.energy_kwh:>14} "
+                f"{expected:>16} {check.billed_total:>12}{mark}"
+            )
+            lines += [f"    {difference}" for difference in check.differences[:12]]
+        devices = sum(1 for check in self.checks if not check.account)
+        differing = sum(1 for check in self.checks if not check.exact)
+        outcome = "every one exact" if not differing else f"{differing} differ"
+        lines.append(
+            f"{devices} device bills ({self.checked_devices} devices), "
+            f"{len(self.checks) - devices} account bills ({self.checked_accounts} accounts): "
+            + outcome
+        )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _DeviceJob:
+    device_id: str
+    period: Period
+
+
+@dataclass(frozen=True)
+class _AccountJob:
+    account_id: str
+    period: Period
+
+
+class _Checker:
+    def __init__(
+        self,
+        stub: gateway_pb2_grpc.GatewayStub,
+        catalog: Catalog,
+        readings: Mapping[str, Mapping[str, LedgerReading]],
+    ) -> None:
+        self._stub = stub
+        self._catalog = catalog
+        self._readings = readings
+
+    def _expected(self, device_id: str, period: Period, as_of: datetime) -> ExpectedBill:
+        tariff = self._catalog.tariff_of(device_id)
+        own = self._readings.get(device_id, {}).values()
+        return expected_bill(tariff, period, own, as_of)
+
+    async def run(self, job: _DeviceJob | _AccountJob) -> BillCheck:
+        try:
+            if isinstance(job, _DeviceJob):
+                return await self._device(job)
+            return await self._account(job)
+        except grpc.aio.AioRpcError as error:
+            subject = job.device_id if isinstance(job, _DeviceJob) else job.account_id
+            check = BillCheck(subject, job.period.label, isinstance(job, _AccountJob))
+            check.differences.append(f"billing answered {error.code().name}: {error.details()}")
+            return check
+
+    async def _device(self, job: _DeviceJob) -> BillCheck:
+        asked_at = datetime.now(UTC)
+        request = billing_pb2.GetDeviceBillRequest(device_id=job.device_id, period=job.period.label)
+        billed = (await self._stub.GetDeviceBill(request, timeout=30)).bill
+        expected = self._expected(job.device_id, job.period, billed.as_of.ToDatetime(tzinfo=UTC))
+        unregistered = job.device_id not in self._catalog.device_tariff
+        return BillCheck(
+            job.device_id,
+            job.period.label,
+            tariff=expected.tariff_id,
+            currency=expected.currency,
+            energy_kwh=expected.energy_kwh,
+            expected_total=expected.total,
+            billed_total=billed.total,
+            differences=compare_bill(expected, billed, unregistered, asked_at),
+        )
+
+    async def _account(self, job: _AccountJob) -> BillCheck:
+        asked_at = datetime.now(UTC)
+        request = billing_pb2.GetAccountBillRequest(
+            account_id=job.account_id, period=job.period.label
+        )
+        answer = await self._stub.GetAccountBill(request, timeout=30)
+        devices = self._catalog.account_devices[job.account_id]
+        currency = self._catalog.tariff_of(devices[0]).currency
+        check = BillCheck(job.account_id, job.period.label, account=True, currency=currency)
+        billed = {bill.device_id: bill for bill in answer.bills}
+        total, energy = money(Decimal(0), currency), Decimal(0)
+        for device_id in devices:
+            if device_id not in billed:
+                check.differences.append(f"{device_id}: missing from the account's bill")
+                continue
+            bill = billed[device_id]
+            expected = self._expected(device_id, job.period, bill.as_of.ToDatetime(tzinfo=UTC))
+            total += Decimal(expected.total)
+            energy += Decimal(expected.energy_kwh)
+            check.differences += [
+                f"{device_id}: {difference}"
+                for difference in compare_bill(expected, bill, False, asked_at)
+            ]
+        for device_id in billed.keys() - set(devices):
+            check.differences.append(f"{device_id}: billed, but not a device of the account")
+        check.energy_kwh, check.expected_total, check.billed_total = (
+            plain(energy),
+            str(total),
+            answer.total,
+        )
+        for what, want, got in (
+            ("currency", currency, answer.currency),
+            ("period", job.period.label, answer.period),
+            ("total", str(total), answer.total),
+        ):
+            if want != got:
+                check.differences.append(f"{what}: expected {want}, billed {got}")
+        return check
+
+
+def plan(
+    catalog: Catalog, readings: Mapping[str, Mapping[str, LedgerReading]]
+) -> list[_DeviceJob | _AccountJob]:
+    """Every (device, month touched) of the ledger, then every (account, month) of them."""
+    jobs: list[_DeviceJob | _AccountJob] = []
+    account_months: dict[str, dict[str, Period]] = defaultdict(dict)
+    for device_id in sorted(readings):
+        tariff = catalog.tariff_of(device_id)
+        account = catalog.account_of(device_id)
+        for period in months_touched(tariff.zone, readings[device_id].values()):
+            jobs.append(_DeviceJob(device_id, period))
+            if account is not None:
+                account_months[account][period.label] = period
+    for account in sorted(account_months):
+        for label in sorted(account_months[account]):
+            jobs.append(_AccountJob(account, account_months[account][label]))
+    return jobs
+
+
+async def check_bills(
+    stub: gateway_pb2_grpc.GatewayStub,
+    catalog: Catalog,
+    readings: Mapping[str, Mapping[str, LedgerReading]],
+    settle_s: float = SETTLE_S,
+) -> BillReport:
+    """Ask for every bill of ``plan``; ask again for those that differ, for ``settle_s``."""
+    checker = _Checker(stub, catalog, readings)
+    jobs = plan(catalog, readings)
+    results: dict[_DeviceJob | _AccountJob, BillCheck] = {}
+    pending: Sequence[_DeviceJob | _AccountJob] = jobs
+    deadline = time.monotonic() + settle_s
+    while True:
+        for job in pending:
+            results[job] = await checker.run(job)
+        pending = [job for job in pending if not results[job].exact]
+        if not pending or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    return BillReport(
+        checks=[results[job] for job in jobs],
+        checked_devices=len({job.device_id for job in jobs if isinstance(job, _DeviceJob)}),
+        checked_accounts=len({job.account_id for job in jobs if isinstance(job, _AccountJob)}),
+    )
 
 
 async def reconcile_bills(
@@ -35,5 +618,12 @@ async def reconcile_bills(
     token: str | None = None,
     tls: client.ClientTls | None = None,
 ) -> BillReport:
-    """Check GetDeviceBill and GetAccountBill of every device and month in the ledger."""
-    raise NotImplementedError("bill check in progress")
+    """Check GetDeviceBill and GetAccountBill of every device and month in the ledger.
+
+    ``catalog`` must be the file billing has loaded (``make seed``). Run it after the
+    readings check passed: it compares bills, and assumes billing holds the ledger's readings.
+    """
+    rules = read_catalog(catalog)
+    readings = read_ledger_readings(ledger)
+    async with client.open_channel(target, token, tls) as channel:
+        return await check_bills(gateway_pb2_grpc.GatewayStub(channel), rules, readings)

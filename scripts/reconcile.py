@@ -1,44 +1,59 @@
 """Compare a ledger of acknowledged readings with what billing holds: ``make reconcile``.
 
-    python -m scripts.reconcile LEDGER.jsonl [--target 127.0.0.1:50051] [--wait-s 60]
+    python -m scripts.reconcile LEDGER.jsonl [--catalog deployments/tariffs.yaml]
+        [--target 127.0.0.1:50051] [--wait-s 60] [--no-bills]
 
 The ledger is JSON lines of readings the gateway answered OK (``make simulate`` writes one
 with ``--ledger``). For each device, through the public read API only, it checks that:
 - every acknowledged reading is stored (ListReadings), none missing;
-- no reading is stored in that time span that was not acknowledged;
+- no reading is stored that was not acknowledged, over the whole local months (in the
+  device's tariff zone, from the catalog) that the ledger touches: a bill covers its month,
+  so a stray reading anywhere in it would change the bill;
 - the billed energy (the 15-minute slots, read with GetUsage) has exactly the ledger's
   readings and kWh.
-It prints expected against billed per device and exits 1 on any difference; --wait-s
-keeps checking for that long while billing catches up. Useful after an incident too.
+--wait-s keeps checking for that long while billing catches up. Once every reading
+matches, the bills are checked (``scripts.bill_check``): GetDeviceBill of every device
+and month, GetAccountBill of every account and month, against a computation of the
+check's own from the catalog file and the ledger; twice, the second time from the cache
+the first may have filled. It prints expected against billed and exits 1 on any
+difference. Useful after an incident too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 import typer
 
 from common.energy.v1 import billing_pb2, gateway_pb2_grpc
 from scripts import client_options as client
+from scripts.bill_check import (
+    BillReport,
+    Catalog,
+    months_touched,
+    read_catalog,
+    read_ledger_readings,
+    reconcile_bills,
+)
 
-DAY = timedelta(days=1)
 TICK = timedelta(microseconds=1)
+DEFAULT_CATALOG = Path("deployments/tariffs.yaml")
 
 
 @dataclass
 class DeviceCheck:
     device_id: str
     expected: dict[str, Decimal]  # reading_id -> kWh
-    first: datetime
-    last: datetime
+    zone: ZoneInfo  # where its days and months begin: its tariff's
+    start: datetime  # [start, end): the whole local months the ledger touches
+    end: datetime
     stored: set[str] = field(default_factory=set)
     billed_count: int = 0
     billed_kwh: Decimal = Decimal(0)
@@ -61,55 +76,48 @@ class DeviceCheck:
         )
 
 
-def read_ledger(path: Path) -> dict[str, DeviceCheck]:
+def read_ledger(path: Path, catalog: Catalog | None = None) -> dict[str, DeviceCheck]:
+    """The ledger's devices, each checked over the local months of its tariff's zone (UTC
+    months without a catalog)."""
+    try:
+        ledger = read_ledger_readings(path)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     devices: dict[str, DeviceCheck] = {}
-    seen: dict[str, dict[str, tuple[datetime, Decimal]]] = defaultdict(dict)
-    with path.open() as ledger:
-        for number, line in enumerate(ledger, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                stamp = datetime.fromisoformat(entry["timestamp"])
-                seen[entry["device_id"]][entry["reading_id"]] = (
-                    stamp,
-                    Decimal(str(entry["usage_kwh"])),
-                )
-            except (ValueError, KeyError) as error:
-                raise typer.BadParameter(f"{path}:{number}: not a ledger line ({error})") from None
-    for device_id, readings in seen.items():
-        stamps = [stamp for stamp, _ in readings.values()]
+    for device_id, readings in ledger.items():
+        zone = catalog.tariff_of(device_id).zone if catalog else ZoneInfo("UTC")
+        months = months_touched(zone, readings.values())
         devices[device_id] = DeviceCheck(
-            device_id, {rid: kwh for rid, (_, kwh) in readings.items()}, min(stamps), max(stamps)
+            device_id,
+            {rid: Decimal(str(r.usage_kwh)) for rid, r in readings.items()},
+            zone,
+            months[0].start,
+            months[-1].end,
         )
     return devices
 
 
 async def check(stub: gateway_pb2_grpc.GatewayStub, device: DeviceCheck) -> None:
-    """Fill in what billing holds for the device over the UTC days its ledger spans."""
-    day_start = _day(device.first - TICK)
-    day_end = _day(device.last - TICK) + DAY
+    """Fill in what billing holds for the device over the months its ledger touches."""
     device.stored, token = set(), ""
-    while True:  # readings with day_start < timestamp <= day_end, as the windows count them
+    while True:  # readings with start < timestamp <= end: their slots are in [start, end)
         request = billing_pb2.ListReadingsRequest(
             device_id=device.device_id, page_size=1000, page_token=token
         )
-        request.start.FromDatetime(day_start + TICK)
-        request.end.FromDatetime(day_end + TICK)
+        request.start.FromDatetime(device.start + TICK)
+        request.end.FromDatetime(device.end + TICK)
         page = await stub.ListReadings(request, timeout=30)
         device.stored |= {r.reading_id for r in page.readings}
         if not (token := page.next_page_token):
             break
-    usage = billing_pb2.GetUsageRequest(device_id=device.device_id, window="1d")
-    usage.start.FromDatetime(day_start)
-    usage.end.FromDatetime(day_end)
+    usage = billing_pb2.GetUsageRequest(
+        device_id=device.device_id, window="1d", time_zone=device.zone.key
+    )
+    usage.start.FromDatetime(device.start)
+    usage.end.FromDatetime(device.end)
     buckets = (await stub.GetUsage(usage, timeout=30)).buckets
     device.billed_count = sum(b.count for b in buckets)
     device.billed_kwh = sum((Decimal(str(b.sum_kwh)) for b in buckets), Decimal(0))
-
-
-def _day(instant: datetime) -> datetime:
-    return instant.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 async def reconcile(
@@ -118,8 +126,11 @@ async def reconcile(
     wait_s: float,
     token: str | None = None,
     tls: client.ClientTls | None = None,
+    catalog: Path | None = None,
 ) -> list[DeviceCheck]:
-    devices = read_ledger(ledger)
+    """Check the ledger's readings until they match or ``wait_s`` passes; ``catalog`` (the
+    file billing loaded) sets each device's time zone, UTC without it."""
+    devices = read_ledger(ledger, read_catalog(catalog) if catalog else None)
     deadline = time.monotonic() + wait_s
     async with client.open_channel(target, token, tls) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -164,6 +175,13 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def main(
     ledger: Annotated[Path, typer.Argument(help="JSONL ledger of acknowledged readings")],
+    catalog: Annotated[
+        Path,
+        typer.Option(exists=True, dir_okay=False, help="The tariff catalog billing has loaded"),
+    ] = DEFAULT_CATALOG,
+    bills: Annotated[
+        bool, typer.Option(help="Check the bills too, once the readings match")
+    ] = True,
     target: client.Target = client.DEFAULT_TARGET,
     wait_s: Annotated[
         float, typer.Option(help="Keep checking this long while billing catches up")
@@ -173,11 +191,38 @@ def main(
     tls_cert: client.TlsCert = None,
     tls_key: client.TlsKey = None,
 ) -> None:
-    """Print expected against billed per device; exit 1 on any difference."""
+    """Print expected against billed per device, then per bill; exit 1 on any difference."""
     tls = client.client_tls(tls_ca, tls_cert, tls_key)
-    results = asyncio.run(reconcile(ledger, target, wait_s, token, tls))
+    exact = asyncio.run(_run(ledger, catalog, bills, target, wait_s, token, tls))
+    raise typer.Exit(0 if exact else 1)
+
+
+async def _run(
+    ledger: Path,
+    catalog: Path,
+    bills: bool,
+    target: str,
+    wait_s: float,
+    token: str | None,
+    tls: client.ClientTls | None,
+) -> bool:
+    try:
+        read_catalog(catalog)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    results = await reconcile(ledger, target, wait_s, token, tls, catalog)
     typer.echo(render(results))
-    raise typer.Exit(0 if all(d.exact for d in results) else 1)
+    if not all(d.exact for d in results):
+        if bills:
+            typer.echo("bills not checked: the readings differ")
+        return False
+    if not bills:
+        return True
+    reports: list[BillReport] = []
+    for heading in ("bills, first read (it may fill the cache)", "bills again, cache warm"):
+        reports.append(await reconcile_bills(ledger, catalog, target, token, tls))
+        typer.echo(f"\n{heading}:\n{reports[-1].render()}")
+    return all(report.exact for report in reports)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,21 @@ def test_service_imports_no_other_service(service: str) -> None:
         f"{service} imports another service's code; use that service's gRPC API (or move "
         "what both need into common/):\n" + "\n".join(offending)
     )
+
+
+# The reconciliation checks billing's bills against a computation of its own: importing
+# billing's code would repeat billing's mistakes instead of finding them.
+INDEPENDENT_OF_BILLING = ("scripts/reconcile.py", "scripts/bill_check.py")
+
+
+@pytest.mark.parametrize("module", INDEPENDENT_OF_BILLING)
+def test_the_reconciliation_does_not_import_billing(module: str) -> None:
+    offending = [
+        line
+        for line in foreign_imports(REPO / module, own="")
+        if line.split(": ")[-1].split(".")[0] == "billing_service"
+    ]
+    assert not offending, (
+        f"{module} imports billing's code; work the bills out independently:\n"
+        + "\n".join(offending)
+    )
