@@ -9,13 +9,15 @@ import asyncio
 import logging
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+from pymongo import AsyncMongoClient
 
 from api_gateway.app import GatewayApp
 from api_gateway.settings import GatewaySettings
@@ -81,6 +83,27 @@ async def start_gateway(prefix: str, ingestion_port: int, **overrides: object) -
     app = GatewayApp(GatewaySettings(**settings))  # type: ignore[arg-type]
     await app.start()
     return app
+
+
+@pytest.fixture(autouse=True)
+async def own_stores(prefix: str) -> AsyncIterator[None]:
+    """Drop the test's database (devices, tokens) and Redis keys (buckets) afterwards."""
+    yield
+    mongo = AsyncMongoClient(MONGODB_URL, serverSelectionTimeoutMS=5000)
+    await mongo.drop_database(prefix.strip("-"))
+    await mongo.close()
+    client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    keys = [key async for key in client.scan_iter(f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -186,10 +209,11 @@ async def test_device_administration(gateway: Gateway) -> None:
 
 
 async def test_over_the_device_rate_is_resource_exhausted_with_the_wait(
-    prefix: str, ingestion: IngestionApp
+    prefix: str, ingestion: IngestionApp, redis_client: aioredis.Redis
 ) -> None:
+    interval_s = 100  # a token every 100 s: nothing refills while the test runs
     app = await start_gateway(
-        prefix, ingestion.port, device_rate_per_s=1, device_burst=3, batch_size=3
+        prefix, ingestion.port, device_rate_per_s=1 / interval_s, device_burst=3, batch_size=3
     )
     gateway = Gateway(prefix, app.port, app)
     try:
@@ -199,17 +223,21 @@ async def test_over_the_device_rate_is_resource_exhausted_with_the_wait(
             await stub.SendReading(request("meter-d", minute), timeout=10)
         call = stub.SendReading(request("meter-d", 3), timeout=10)
         details = await refused(call, Code.RESOURCE_EXHAUSTED)
-        assert "device 'meter-d' may send 1 readings/s (burst 3); retry in" in details
+        assert "device 'meter-d' may send 0.01 readings/s (burst 3); retry in" in details
         pushback = dict(await call.trailing_metadata())["grpc-retry-pushback-ms"]
-        assert 0 < int(pushback) <= 1000
+        assert 0 < int(pushback) <= interval_s * 1000
         assert await gateway.published() == 3
-        await asyncio.sleep(int(pushback) / 1000)
+        # A token interval later (the bucket's clock moved back by one interval): one more.
+        key = f"{prefix}ratelimit:device:meter-d"
+        updated_us = float(await redis_client.hget(key, "updated_us"))
+        await redis_client.hset(key, "updated_us", f"{updated_us - interval_s * 1e6:.17g}")
         await stub.SendReading(request("meter-d", 3), timeout=10)
-        # A stream counts every reading: four more need more than the bucket holds now.
-        stream = [request("meter-d", 10 + i) for i in range(4)]
+        # A stream counts every reading: three more need three tokens; the bucket is empty.
+        stream = [request("meter-d", 10 + i) for i in range(3)]
         details = await refused(
             stub.SendReadings(iter(stream), timeout=10), Code.RESOURCE_EXHAUSTED
         )
+        assert "0 readings of this stream were accepted" in details
         assert await gateway.published() == 4
     finally:
         await app.stop()
@@ -230,28 +258,45 @@ async def test_stream_length_and_concurrent_calls_are_bounded(
         held = asyncio.Event()
 
         async def slow_stream():  # type: ignore[no-untyped-def]
-            yield request("m", 50)
+            yield request("m", 50, kwh=-1)  # rejected: the gateway counts it when it reads it
             await held.wait()
+            yield request("m", 51)
 
+        rejected_before = _rejected_usage()
         first = stub.SendReadings(slow_stream(), timeout=10)
-        await asyncio.sleep(0.5)  # the first call is in progress
+
+        async def first_in_progress() -> bool:
+            return _rejected_usage() > rejected_before
+
+        await wait_until(first_in_progress, what="the gateway to read the first stream")
         await refused(stub.SendReading(request("m", 55), timeout=10), Code.RESOURCE_EXHAUSTED)
         held.set()
-        assert (await first).accepted == 1
+        answer = await first
+        assert (answer.accepted, answer.rejected_count) == (1, 1)
     finally:
         await app.stop()
+
+
+def _rejected_usage() -> float:
+    labels = {"field": "usage_kwh"}
+    return REGISTRY.get_sample_value("gateway_readings_rejected_total", labels) or 0.0
 
 
 async def test_two_gateway_processes_share_the_global_rate(
     prefix: str, ingestion: IngestionApp
 ) -> None:
-    rate, burst, seconds = 40.0, 20, 3.0
+    """Two gateway processes, one global bucket: together they accept its burst, exactly.
+
+    The bucket refills too slowly to add a token during the test, so the count does not
+    depend on how fast this machine is; separate buckets would accept twice the burst.
+    """
+    burst, rounds = 20, 4
     ports = [free_port(), free_port()]
     env = {
         **os.environ,
         "GATEWAY_INGESTION_ADDR": f"127.0.0.1:{ingestion.port}",
         "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "GATEWAY_GLOBAL_RATE_PER_S": str(rate),
+        "GATEWAY_GLOBAL_RATE_PER_S": "0.01",
         "GATEWAY_GLOBAL_BURST": str(burst),
         "GATEWAY_BATCH_SIZE": "10",
         "REDIS_URL": REDIS_URL,
@@ -277,8 +322,7 @@ async def test_two_gateway_processes_share_the_global_rate(
         # The health probes took no tokens; the bucket starts full.
         accepted = refused_count = 0
         minute = 1000
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
+        for _ in range(rounds):  # both gateways at once, 2 x 5 calls a round
             calls = []
             for stub in stubs:
                 for _ in range(5):
@@ -291,10 +335,7 @@ async def test_two_gateway_processes_share_the_global_rate(
                     refused_count += 1
                 else:
                     accepted += 1
-        elapsed = time.monotonic() - started
-        bound = burst + rate * elapsed
-        assert refused_count > 0
-        assert 0.7 * bound <= accepted <= bound + 5, (accepted, bound)
+        assert (accepted, refused_count) == (burst, rounds * 10 - burst)
         assert await ready_count(Topology(prefix).billing_queue) == accepted
     finally:
         for process in processes:
