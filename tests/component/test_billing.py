@@ -38,8 +38,8 @@ def reading(minutes: int = 0, kwh: float = 1.25, device: str = "meter-1") -> Rea
     return validate_reading(device, T + timedelta(minutes=minutes), kwh, now=NOW)
 
 
-def settings(prefix: str, mongodb_url: str = MONGODB_URL) -> BillingSettings:
-    return BillingSettings(
+def settings(prefix: str, mongodb_url: str = MONGODB_URL, **overrides: object) -> BillingSettings:
+    return BillingSettings(  # type: ignore[arg-type]
         port=0,
         topology_prefix=prefix,
         mongodb_url=mongodb_url,
@@ -50,6 +50,7 @@ def settings(prefix: str, mongodb_url: str = MONGODB_URL) -> BillingSettings:
         shutdown_grace_s=1,
         rabbitmq_url=RABBITMQ_URL,
         redis_url=REDIS_URL,
+        **overrides,
     )
 
 

@@ -74,6 +74,13 @@ async def declare(prefix: str) -> None:
         await declare_topology(await connection.channel(), Topology(prefix))
 
 
+def one_batch_of(count: int) -> dict[str, object]:
+    """Settings under which ``count`` queued deliveries make exactly one batch: the batch is
+    full at ``count`` (a condition), and the linger only bounds the wait for them, so the
+    broker's pace of delivery cannot split it."""
+    return {"batch_size": count, "prefetch": count, "batch_linger_s": 10}
+
+
 class Apps:
     """The billing apps of one test, on its topology and database."""
 
@@ -81,8 +88,8 @@ class Apps:
         self.prefix = prefix
         self.running: list[BillingApp] = []
 
-    async def start(self) -> BillingApp:
-        app = BillingApp(settings(self.prefix))
+    async def start(self, **overrides: object) -> BillingApp:
+        app = BillingApp(settings(self.prefix, **overrides))
         await app.start()
         self.running.append(app)
         return app
@@ -104,10 +111,9 @@ async def apps(prefix: str) -> AsyncIterator[Apps]:
 async def test_a_batch_with_repeats_inside_bills_each_reading_once(prefix, apps) -> None:
     r1, r2, r3 = reading(1), reading(2), reading(20, kwh=1.5)
     await declare(prefix)
-    # Queued before billing starts: they arrive together and make one batch.
     await publish(prefix, [encode_reading(r) for r in (r1, r2, r1, r3, r2, r1)])
     before = counters()
-    app = await apps.start()
+    app = await apps.start(**one_batch_of(6))
     await wait_until(lambda: _at_least(before, acked=6), what="six deliveries acked")
     assert grown(before) | {"retries": 0} == {
         "billed": 3,
@@ -222,7 +228,7 @@ async def test_poison_messages_inside_a_batch_do_not_hold_back_their_neighbours(
     await declare(prefix)
     await publish(prefix, bodies)
     before = counters()
-    app = await apps.start()
+    app = await apps.start(**one_batch_of(len(bodies)))
     await wait_until(lambda: _at_least(before, acked=3, dead=2), what="goods acked, poison dead")
     assert grown(before) | {"retries": 0} == {
         "billed": 3,
