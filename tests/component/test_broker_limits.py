@@ -179,12 +179,10 @@ async def test_a_broker_alarm_is_unavailable_at_once_and_publishing_resumes_afte
         await send(0)
         own_node.ctl(*raise_alarm)
         await wait_until(_raised(own_node), what=f"the {alarm} alarm")
-        started = time.monotonic()
+        # Each refusal says "alarm" (checked in send): the block was detected, not waited
+        # out, for a confirm timeout is answered "did not confirm within 3 s" instead.
         for minute in range(1, 6):
             await send(minute)
-        # Answered well within the confirm timeout (3 s here): the block is detected,
-        # not waited out.
-        assert time.monotonic() - started < 3
         assert refused == [1, 2, 3, 4, 5] and len(accepted) == 1
         own_node.ctl(*clear_alarm)
         await wait_until(_cleared(own_node), what=f"the {alarm} alarm to clear")
