@@ -28,6 +28,7 @@ from api_gateway.reads import READS, ReadForwarder
 from api_gateway.upstream import abort_upstream_failure
 from common.convert import reading_from_proto
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
+from common.errors import Reason, reason_of
 from common.models import ID_PATTERN, ID_RULE, InvalidReading, Limits, Reading
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 READINGS_ACCEPTED = Counter("gateway_readings_accepted_total", "Readings confirmed upstream.")
 READINGS_REJECTED = Counter(
     "gateway_readings_rejected_total", "Readings rejected by validation, by field.", ["field"]
+)
+READINGS_NOT_FORWARDED = Counter(
+    "gateway_readings_not_forwarded_total",
+    "Readings ingestion did not take, by its reason (INGESTION_BUSY: refused at once, with a "
+    "retry hint, because too many readings wait for confirms).",
+    ["reason"],
 )
 
 
@@ -143,8 +150,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             await self._ingestion.publish(readings)
         except grpc.aio.AioRpcError as error:
+            reason = reason_of(error)
+            READINGS_NOT_FORWARDED.labels(reason.value if reason else "UNKNOWN").inc(len(readings))
             note = _accepted_note(accepted_before) if accepted_before is not None else ""
-            await abort_upstream_failure(context, "ingestion", error, note, log_failure=True)
+            # Busy refusals are routine under load (thousands a second): counted, not logged.
+            logged = reason != Reason.INGESTION_BUSY
+            await abort_upstream_failure(context, "ingestion", error, note, log_failure=logged)
         READINGS_ACCEPTED.inc(len(readings))
         # Debug only: readings come thousands a second; failures are warnings.
         log.debug(

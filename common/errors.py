@@ -27,6 +27,9 @@ class Reason(StrEnum):
     QUEUE_FULL = "QUEUE_FULL"  # RabbitMQ nacked the messages (queue at its length limit)
     NO_QUEUE_BOUND = "NO_QUEUE_BOUND"  # returned unroutable: no queue for the routing key
     CONFIRM_TIMEOUT = "CONFIRM_TIMEOUT"  # no confirm in time; the readings may be stored
+    # Too many readings wait for confirms already; nothing was published, resend after the
+    # RetryInfo delay.
+    INGESTION_BUSY = "INGESTION_BUSY"
     INVALID_READING = "INVALID_READING"  # a reading failed validation
     # An internal service could not be reached at all (metadata "service" names it).
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
@@ -38,13 +41,26 @@ def error_info_of(
     return error_details_pb2.ErrorInfo(reason=reason.value, domain=DOMAIN, metadata=metadata)
 
 
+def retry_info_of(delay_s: float) -> error_details_pb2.RetryInfo:
+    """``RetryInfo`` asking the caller to wait ``delay_s`` (ms precision) before resending."""
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(max(1, round(delay_s * 1000)))
+    return retry
+
+
 def rich_status(
-    code: grpc.StatusCode, message: str, info: error_details_pb2.ErrorInfo
+    code: grpc.StatusCode,
+    message: str,
+    info: error_details_pb2.ErrorInfo,
+    retry: error_details_pb2.RetryInfo | None = None,
 ) -> grpc.Status:
-    """A status whose ``grpc-status-details-bin`` trailer carries ``info``."""
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    """A status whose ``grpc-status-details-bin`` trailer carries ``info`` (and ``retry``)."""
+    packed = []
+    for detail in (info,) if retry is None else (info, retry):
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status = status_pb2.Status(code=code.value[0], message=message, details=packed)
     return rpc_status.to_status(status)
 
 
@@ -53,9 +69,11 @@ async def abort_with_info(
     code: grpc.StatusCode,
     message: str,
     info: error_details_pb2.ErrorInfo,
+    retry: error_details_pb2.RetryInfo | None = None,
 ) -> NoReturn:
-    """``context.abort`` with ``info`` attached; the caller sees ``code`` and ``message``."""
-    status = rich_status(code, message, info)
+    """``context.abort`` with ``info`` (and ``retry``) attached; the caller sees ``code`` and
+    ``message``."""
+    status = rich_status(code, message, info, retry)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
@@ -66,23 +84,45 @@ async def abort_with_reason(
     message: str,
     reason: Reason,
     metadata: Mapping[str, str] | None = None,
+    retry_after_s: float | None = None,
 ) -> NoReturn:
-    """``context.abort`` with ``ErrorInfo(reason, domain=energy.v1, metadata)`` attached."""
-    await abort_with_info(context, code, message, error_info_of(reason, metadata))
+    """``context.abort`` with ``ErrorInfo(reason, domain=energy.v1, metadata)`` attached, and
+    a ``RetryInfo`` of ``retry_after_s`` when given."""
+    retry = retry_info_of(retry_after_s) if retry_after_s is not None else None
+    await abort_with_info(context, code, message, error_info_of(reason, metadata), retry)
+
+
+def _details(error: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a trailer that contradicts the call's status: not trusted
+        return []
+    return list(status.details) if status is not None else []
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     """The ``ErrorInfo`` of our domain a failed call carries, or None (e.g. the channel
     failed before the service answered, or the service attached no detail)."""
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:  # a trailer that contradicts the call's status: not trusted
-        return None
-    for detail in status.details if status is not None else ():
+    for detail in _details(error):
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info) and info.domain == DOMAIN:
             return info
     return None
+
+
+def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
+    """The ``RetryInfo`` a failed call carries (the server's hint when to resend), or None."""
+    for detail in _details(error):
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return retry
+    return None
+
+
+def retry_delay_s(error: grpc.aio.AioRpcError) -> float | None:
+    """How long the server asked the caller to wait before resending, or None."""
+    retry = retry_info(error)
+    return retry.retry_delay.ToTimedelta().total_seconds() if retry is not None else None
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> Reason | None:

@@ -16,6 +16,7 @@ from ingestion_service.adapters.rabbit import (
     BrokerRefused,
     BrokerUnavailable,
     ConfirmTimeout,
+    IngestionBusy,
     NoQueueBound,
     RabbitPublisher,
 )
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # Each broker failure's status and reason code, most specific class first (the first
 # match wins): the gateway decides from the reason, the caller reads the message.
 BROKER_ERRORS: tuple[tuple[type[Exception], grpc.StatusCode, Reason], ...] = (
+    (IngestionBusy, grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.INGESTION_BUSY),
     (BrokerBlocked, grpc.StatusCode.UNAVAILABLE, Reason.BROKER_BLOCKED),
     (BrokerUnavailable, grpc.StatusCode.UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
     (ConfirmTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, Reason.CONFIRM_TIMEOUT),
@@ -60,11 +62,15 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
             await self._publisher.publish(readings)
         except _BROKER_ERROR_TYPES as error:
             code, reason = next((c, r) for kind, c, r in BROKER_ERRORS if isinstance(error, kind))
-            log.warning(
+            retry_after_s = error.retry_after_s if isinstance(error, IngestionBusy) else None
+            # A busy refusal is routine under load and comes thousands a second: counted
+            # (ingestion_publish_failures_total{reason="busy"}), logged at debug only.
+            log.log(
+                logging.DEBUG if reason == Reason.INGESTION_BUSY else logging.WARNING,
                 "publish failed",
                 extra={"reason": reason.value, "readings": len(readings), "error": str(error)},
             )
-            await abort_with_reason(context, code, str(error), reason)
+            await abort_with_reason(context, code, str(error), reason, retry_after_s=retry_after_s)
         # Debug only: calls come thousands a second; the failures above are warnings.
         log.debug(
             "published",

@@ -28,7 +28,10 @@ class IngestionApp:
     def __init__(self, settings: IngestionSettings) -> None:
         self.settings = settings
         self.publisher = RabbitPublisher(
-            settings.rabbitmq_url, Topology(settings.topology_prefix), settings.confirm_timeout_s
+            settings.rabbitmq_url,
+            Topology(settings.topology_prefix),
+            settings.confirm_timeout_s,
+            settings.max_in_flight_readings,
         )
         self.grpc = GrpcServer([SERVICE_NAME])
         ingestion_pb2_grpc.add_IngestionServicer_to_server(

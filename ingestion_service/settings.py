@@ -1,6 +1,6 @@
 """Settings of ingestion_service, from INGESTION_* and the shared variables."""
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import BrokerSettings, Port
@@ -15,5 +15,21 @@ class IngestionSettings(BrokerSettings, ServerTlsSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: Port = 50052
     metrics_port: Port = 9102
+    # Ingestion's own broker URL, when it differs from the consumers' (a publish-only user;
+    # the tests' slowed proxy); RABBITMQ_URL otherwise.
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        pattern="^amqps?://",
+        validation_alias=AliasChoices("INGESTION_RABBITMQ_URL", "RABBITMQ_URL"),
+    )
     confirm_timeout_s: float = Field(5.0, gt=0, description="wait this long for broker confirms")
+    # About a second of confirms of the slowest broker measured (2,000 persistent messages/s),
+    # so a confirm is waited for about a second there, far from the 5 s deadlines; four of
+    # the gateway's batches of 500. A faster broker is not slowed: a window of 500 readings
+    # already confirms as fast as one of 4,000 (ingestion's CPU is the limit there).
+    max_in_flight_readings: int = Field(
+        2000,
+        ge=1,
+        description="readings waiting for confirms at most; beyond, RESOURCE_EXHAUSTED at once",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0)

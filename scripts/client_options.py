@@ -3,11 +3,13 @@
 with ``--tls-cert`` and ``--tls-key`` for mTLS; plaintext without them).
 
 simulate, import_csv, reconcile and the benchmarks declare their parameters with these
-types and open their channel with :func:`open_channel`.
+types and open their channel with :func:`open_channel`. The senders among them resend as a
+logger does: the codes of :data:`RESEND_CODES`, after :func:`resend_delay_s`.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any
 import grpc
 import typer
 
+from common.errors import retry_delay_s
 from common.gateway_client import TOKEN_ENV, gateway_channel
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -71,3 +74,24 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """A channel to the gateway at ``target``: ``token`` on every call, TLS when given."""
     return gateway_channel(target, token, options, tls.credentials() if tls else None)
+
+
+# What a logger resends: the platform could not take the readings now (down, slow, or
+# busy); nothing of them is billed twice, since a resent reading is the same reading. Any
+# other code would fail again the same way.
+RESEND_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def resend_delay_s(error: grpc.aio.AioRpcError, backoff_s: float) -> float:
+    """How long to wait before resending after ``error``: the delay the server asked for in
+    a ``google.rpc.RetryInfo`` (ingestion busy), stretched at random by up to as much again
+    so that callers refused together come back spread out, never earlier than asked; else
+    the caller's own ``backoff_s``."""
+    hint_s = retry_delay_s(error)
+    return backoff_s if hint_s is None else hint_s * random.uniform(1, 2)

@@ -34,14 +34,13 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
 from common.models import ID_PATTERN, ID_RULE
-from common.retry import RetryPolicy, retrying
+from common.retry import RetryPolicy
 from scripts import client_options as client
 
 DEVICE_HEADER = ("device_id", "timestamp", "usage_kwh")
 METER_HEADER = ("time", "meterusage")
 DUPLICATE_WINDOW = 200_000
 MAX_REPORTED_PROBLEMS = 50
-RETRYABLE = {grpc.StatusCode[c] for c in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")}
 
 
 class InputError(ValueError):
@@ -303,31 +302,30 @@ def _batches(
 async def _send(
     stub: gateway_pb2_grpc.GatewayStub, batch: Batch, config: ImportConfig, summary: ImportSummary
 ) -> None:
-    """One SendReadings call, retried on transient failures; record the outcome."""
+    """One SendReadings call, resent up to ``config.retries`` times on the codes a logger
+    resends; record the outcome.
+
+    The wait before a resend is the server's retry hint when it gave one, else the backoff
+    of a RetryPolicy (common.retry's ``retrying`` cannot take a hint, hence this loop).
+    """
     lines, requests = batch
-
-    def count_retry() -> None:
-        summary.retries += 1
-
-    try:
-        reply = await retrying(
-            lambda: stub.SendReadings(iter(requests), timeout=config.timeout_s),
-            operation="import_send",
-            policy=RetryPolicy(config.retry_initial_s, config.retry_max_s, config.retries + 1),
-            retry_on=(grpc.aio.AioRpcError,),
-            retry_if=lambda error: (
-                isinstance(error, grpc.aio.AioRpcError) and error.code() in RETRYABLE
-            ),
-            on_retry=count_retry,
-            context={"first_line": lines[0]},
-        )
-    except grpc.aio.AioRpcError as error:
-        if not summary.failure:
-            summary.failure = (
-                f"the batch of lines {lines[0]}-{lines[-1]} failed: {error.code().name}: "
-                f"{error.details()}"
-            )
-        return
+    backoff = RetryPolicy(config.retry_initial_s, config.retry_max_s, config.retries + 1)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            reply = await stub.SendReadings(iter(requests), timeout=config.timeout_s)
+            break
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in client.RESEND_CODES or attempt > config.retries:
+                if not summary.failure:
+                    summary.failure = (
+                        f"the batch of lines {lines[0]}-{lines[-1]} failed: "
+                        f"{error.code().name}: {error.details()}"
+                    )
+                return
+            summary.retries += 1
+            await asyncio.sleep(client.resend_delay_s(error, backoff.delay_s(attempt)))
     summary.accepted += reply.accepted
     summary.rejected_gateway += reply.rejected_count
     for rejected in reply.rejected:

@@ -110,13 +110,6 @@ class FleetSummary:
         )
 
 
-RESEND_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
 def _open_ledger(path: str | None) -> TextIO | None:
     """The ledger file, appended to and line-buffered; closed by run_fleet."""
     return open(path, "a", buffering=1) if path else None  # noqa: SIM115
@@ -220,9 +213,10 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
     async def _send_until_acknowledged(
         stub: gateway_pb2_grpc.GatewayStub, chunk: list[reading_pb2.Reading]
     ) -> None:
-        """Like a logger with a buffer: resend what was refused for ``resend_for_s``."""
+        """Like a logger with a buffer: resend what was refused for ``resend_for_s``, after
+        the server's retry hint or an exponential backoff."""
         requests = [gateway_pb2.SendReadingRequest(reading=r) for r in chunk]
-        delay, give_up = 0.2, loop.time() + config.resend_for_s
+        backoff_s, give_up = 0.2, loop.time() + config.resend_for_s
         while True:
             try:
                 if config.batch:
@@ -242,11 +236,12 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
                     ledger.write("".join(_ledger_line(r) for r in accepted))
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RESEND_CODES or loop.time() + delay > give_up:
+                delay_s = client.resend_delay_s(exc, backoff_s)
+                if exc.code() not in client.RESEND_CODES or loop.time() + delay_s > give_up:
                     raise
                 summary.resent += len(chunk)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(delay_s)
+                backoff_s = min(backoff_s * 2, 2.0)
 
     ledger = _open_ledger(config.ledger)
     try:

@@ -11,20 +11,24 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from common.messages import CONTENT_TYPE, encode_reading
 from common.metrics import LATENCY_BUCKETS_S
 from common.models import Reading
 from common.rabbit import ROUTING_KEY, Topology, connect, declare_topology
 from common.request_id import message_headers
+from ingestion_service.backpressure import InFlightReadings
 
 log = logging.getLogger(__name__)
 
 PUBLISHED = Counter("ingestion_published_total", "Readings confirmed by RabbitMQ.")
 PUBLISH_FAILURES = Counter(
-    "ingestion_publish_failures_total", "Publish calls that failed, by reason.", ["reason"]
+    "ingestion_publish_failures_total",
+    "Publish calls that failed, by reason (busy: refused at once, too many in flight).",
+    ["reason"],
 )
+IN_FLIGHT = Gauge("ingestion_in_flight_readings", "Readings published, waiting for confirms.")
 CONFIRM_LATENCY = Histogram(
     "ingestion_confirm_seconds",
     "Time from publishing a batch to the broker's last confirm.",
@@ -57,6 +61,15 @@ class BrokerBlocked(BrokerUnavailable):
     """RabbitMQ blocks publishing (memory or disk alarm); the caller may resend later."""
 
 
+class IngestionBusy(Exception):
+    """Too many readings wait for confirms; nothing was published: resend after
+    ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 BLOCKED_MESSAGE = (
     "RabbitMQ is blocking publishers (a memory or disk alarm on the broker); retry later"
 )
@@ -65,12 +78,23 @@ BLOCK_CHECK_INTERVAL_S = 0.1
 
 
 class RabbitPublisher:
-    """Owns one robust connection and a confirming channel; reconnects by itself."""
+    """Owns one robust connection and a confirming channel; reconnects by itself.
 
-    def __init__(self, url: str, topology: Topology, confirm_timeout_s: float) -> None:
+    At most ``max_in_flight_readings`` readings wait for confirms at once (a larger publish
+    only while nothing else does); beyond that a publish is refused with ``IngestionBusy``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        confirm_timeout_s: float,
+        max_in_flight_readings: int,
+    ) -> None:
         self._url = url
         self._topology = topology
         self._confirm_timeout_s = confirm_timeout_s
+        self.in_flight = InFlightReadings(max_in_flight_readings, confirm_timeout_s)
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -115,7 +139,25 @@ class RabbitPublisher:
         if not await self.accepting():
             PUBLISH_FAILURES.labels("blocked").inc()
             raise BrokerBlocked(BLOCKED_MESSAGE)
-        exchange = self._exchange
+        count = len(readings)
+        # No await between the check and the count: publishes cannot overtake each other.
+        if not self.in_flight.take(count):
+            PUBLISH_FAILURES.labels("busy").inc()
+            retry_after_s = self.in_flight.retry_after_s
+            raise IngestionBusy(
+                f"ingestion is busy: {self.in_flight.count} readings wait for RabbitMQ's "
+                f"confirms (at most {self.in_flight.limit}); nothing of these {count} was "
+                f"published, resend in {retry_after_s:.2f} s",
+                retry_after_s,
+            )
+        IN_FLIGHT.inc(count)
+        try:
+            await self._publish_confirmed(self._exchange, readings)
+        finally:
+            self.in_flight.release(count)
+            IN_FLIGHT.dec(count)
+
+    async def _publish_confirmed(self, exchange: AbstractExchange, readings: list[Reading]) -> None:
         headers = message_headers()
         messages = [_message(reading, headers) for reading in readings]
         started = time.perf_counter()
@@ -144,7 +186,9 @@ class RabbitPublisher:
         except (AMQPError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as error:
             PUBLISH_FAILURES.labels("connection").inc()
             raise BrokerUnavailable(f"RabbitMQ connection failed: {error!r}; resend") from None
-        CONFIRM_LATENCY.observe(time.perf_counter() - started)
+        latency_s = time.perf_counter() - started
+        self.in_flight.confirmed_after(latency_s)
+        CONFIRM_LATENCY.observe(latency_s)
         BATCH_SIZE.observe(len(readings))
         PUBLISHED.inc(len(readings))
 

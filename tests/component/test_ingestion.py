@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import grpc
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from api_gateway.app import GatewayApp
 from api_gateway.settings import GatewaySettings
-from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
-from common.errors import Reason, error_info
+from common.convert import reading_to_proto
+from common.energy.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+    reading_pb2,
+)
+from common.errors import Reason, error_info, reason_of, retry_delay_s
 from common.gateway_client import gateway_channel
-from common.models import derive_reading_id
+from common.models import derive_reading_id, validate_reading
 from common.rabbit import Topology
 from ingestion_service.app import IngestionApp
 from ingestion_service.settings import IngestionSettings
-from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, delete_topology, free_port, queue_info
+from tests.conftest import (
+    ADMIN_TOKEN,
+    RABBITMQ_MANAGEMENT_URL,
+    RABBITMQ_URL,
+    delete_topology,
+    free_port,
+    queue_info,
+    ready_count,
+    wait_until,
+)
+from tests.tcp_proxy import TcpProxy
 
 T = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
@@ -31,10 +50,19 @@ def request(device: str = "meter-1", minutes: int = 0, kwh: float = 1.5, **kw: o
     return gateway_pb2.SendReadingRequest(reading=reading)
 
 
-async def start_pipeline(prefix: str, rabbitmq_url: str = RABBITMQ_URL, ingestion_addr=None):
+async def start_pipeline(
+    prefix: str,
+    rabbitmq_url: str = RABBITMQ_URL,
+    ingestion_addr=None,
+    max_in_flight_readings: int = 2000,
+):
     ingestion = IngestionApp(
         IngestionSettings(
-            port=0, topology_prefix=prefix, rabbitmq_url=rabbitmq_url, confirm_timeout_s=3
+            port=0,
+            topology_prefix=prefix,
+            rabbitmq_url=rabbitmq_url,
+            confirm_timeout_s=3,
+            max_in_flight_readings=max_in_flight_readings,
         )
     )
     await ingestion.start()
@@ -170,3 +198,128 @@ async def test_ingestion_unreachable_means_unavailable(prefix: str) -> None:
     info = error_info(caught.value)  # a typed reason naming the service, not only text
     assert info is not None and info.reason == Reason.UPSTREAM_UNAVAILABLE
     assert dict(info.metadata) == {"service": "ingestion"}
+
+
+def publish_request(first_minute: int, count: int) -> ingestion_pb2.PublishRequest:
+    now = datetime.now(UTC)
+    readings = [
+        validate_reading("meter-1", T - timedelta(minutes=first_minute + i), 1.0, now=now)
+        for i in range(count)
+    ]
+    return ingestion_pb2.PublishRequest(readings=[reading_to_proto(r) for r in readings])
+
+
+def busy_refusals() -> float:
+    return REGISTRY.get_sample_value("ingestion_publish_failures_total", {"reason": "busy"}) or 0
+
+
+@pytest.fixture
+async def held_pipeline(prefix: str):  # type: ignore[no-untyped-def]
+    """Ingestion (at most 10 readings in flight) and a gateway, with ingestion's broker
+    connection through a proxy the test may hold: held, nothing is confirmed."""
+    proxy = TcpProxy.to_url(RABBITMQ_URL)
+    await proxy.start()
+    ingestion, gateway = await start_pipeline(
+        prefix, proxy.url(RABBITMQ_URL), max_in_flight_readings=10
+    )
+    await ingestion.publisher._connecting
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ingestion.port}")
+    public = gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN)
+    try:
+        yield (
+            proxy,
+            ingestion,
+            ingestion_pb2_grpc.IngestionStub(channel),
+            gateway_pb2_grpc.GatewayStub(public),
+        )
+    finally:
+        proxy.resume()
+        await public.close()
+        await channel.close()
+        await gateway.stop()
+        await ingestion.stop()
+        await proxy.cut()
+        await delete_topology(prefix)
+
+
+async def test_readings_waiting_for_confirms_are_bounded_and_refused_at_once_beyond(
+    held_pipeline, prefix: str
+) -> None:
+    proxy, ingestion, stub, gateway = held_pipeline
+    in_flight = ingestion.publisher.in_flight
+    refusals_before = busy_refusals()
+    proxy.hold()
+    first = asyncio.ensure_future(stub.Publish(publish_request(0, 6), timeout=60))
+    await wait_until(_counted(in_flight, 6), what="6 readings in flight")
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # 6 + 5 > 10, and long before 60 s
+        await stub.Publish(publish_request(6, 5), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(caught.value) == Reason.INGESTION_BUSY
+    assert (retry_delay_s(caught.value) or 0) > 0
+    assert "nothing of these 5 was published" in (caught.value.details() or "")
+    assert in_flight.count == 6, "a refusal counts nothing"
+
+    second = asyncio.ensure_future(stub.Publish(publish_request(11, 4), timeout=60))  # fits
+    await wait_until(_counted(in_flight, 10), what="10 readings in flight")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # the gateway passes it all on
+        await gateway.SendReading(request(minutes=30), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(caught.value) == Reason.INGESTION_BUSY
+    assert (retry_delay_s(caught.value) or 0) > 0
+
+    proxy.resume()
+    assert [(await first).published, (await second).published] == [6, 4]
+    assert in_flight.count == 0, "confirmed readings are released"
+    assert busy_refusals() == refusals_before + 2
+    # Larger than the bound, but alone: admitted rather than never possible.
+    assert (await stub.Publish(publish_request(15, 25), timeout=60)).published == 25
+    assert await ready_count(Topology(prefix).billing_queue) == 35
+
+
+async def test_a_timed_out_or_nacked_publish_leaves_nothing_in_flight(
+    held_pipeline, prefix: str
+) -> None:
+    proxy, ingestion, stub, _ = held_pipeline
+    in_flight = ingestion.publisher.in_flight
+    proxy.hold()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Publish(publish_request(0, 8), timeout=60)
+    assert reason_of(caught.value) == Reason.CONFIRM_TIMEOUT
+    assert in_flight.count == 0, "given up on: released"
+    proxy.resume()
+
+    name = f"{prefix}max-length"
+    url = f"{RABBITMQ_MANAGEMENT_URL}/api/policies/%2F/{name}"
+    policy = {
+        "pattern": f"^{Topology(prefix).billing_queue}$",
+        "definition": {"max-length": 0},
+        "apply-to": "queues",
+        "priority": 10,
+    }
+    async with httpx.AsyncClient(auth=("guest", "guest"), timeout=10) as client:
+        (await client.put(url, json=policy)).raise_for_status()
+        try:
+            await wait_until(_max_length_applied(Topology(prefix).billing_queue), what="policy")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Publish(publish_request(10, 8), timeout=60)
+            assert reason_of(caught.value) == Reason.QUEUE_FULL
+            assert in_flight.count == 0, "nacked: released"
+        finally:
+            (await client.delete(url)).raise_for_status()
+
+
+def _counted(in_flight, readings: int):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return in_flight.count == readings
+
+    return check
+
+
+def _max_length_applied(queue: str):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return (await queue_info(queue)).get("effective_policy_definition", {}).get(
+            "max-length"
+        ) == 0
+
+    return check

@@ -9,12 +9,22 @@ import pytest
 from grpc.aio import AioRpcError, Metadata
 
 from api_gateway.upstream import abort_upstream_failure
-from common.errors import DOMAIN, Reason, error_info, error_info_of, reason_of, rich_status
+from common.errors import (
+    DOMAIN,
+    Reason,
+    error_info,
+    error_info_of,
+    reason_of,
+    retry_delay_s,
+    retry_info_of,
+    rich_status,
+)
 from ingestion_service.adapters.rabbit import (
     BrokerBlocked,
     BrokerRefused,
     BrokerUnavailable,
     ConfirmTimeout,
+    IngestionBusy,
     NoQueueBound,
 )
 from ingestion_service.api import BROKER_ERRORS
@@ -27,8 +37,11 @@ def failed(code: grpc.StatusCode, message: str, trailers: tuple[Any, ...] = ()) 
     return AioRpcError(code, Metadata(), Metadata(*trailers), message)
 
 
-def answered(code: grpc.StatusCode, message: str, reason: Reason) -> AioRpcError:
-    status = rich_status(code, message, error_info_of(reason, {"k": "v"}))
+def answered(
+    code: grpc.StatusCode, message: str, reason: Reason, retry_after_s: float | None = None
+) -> AioRpcError:
+    retry = retry_info_of(retry_after_s) if retry_after_s is not None else None
+    status = rich_status(code, message, error_info_of(reason, {"k": "v"}), retry)
     return failed(status.code, status.details, status.trailing_metadata)
 
 
@@ -70,6 +83,7 @@ def test_no_trusted_detail_is_no_reason() -> None:
         (ConfirmTimeout("t"), grpc.StatusCode.DEADLINE_EXCEEDED, Reason.CONFIRM_TIMEOUT),
         (NoQueueBound("n"), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_QUEUE_BOUND),
         (BrokerRefused("r"), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),
+        (IngestionBusy("i", 0.5), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.INGESTION_BUSY),
     ],
 )
 def test_ingestion_maps_each_broker_failure_to_its_status_and_reason(
@@ -92,6 +106,27 @@ async def test_the_gateway_passes_a_services_own_answer_on_with_its_reason() -> 
     assert context.details == "RabbitMQ is not reachable; retry shortly. note"
     reached = failed(context.code, context.details, context.trailers)
     assert reason_of(reached) == Reason.BROKER_UNAVAILABLE
+
+
+def test_a_retry_hint_survives_the_round_trip_beside_the_reason() -> None:
+    busy = answered(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", Reason.INGESTION_BUSY, 0.25)
+    assert reason_of(busy) == Reason.INGESTION_BUSY and retry_delay_s(busy) == 0.25
+    no_hint = answered(UNAVAILABLE, "down", Reason.BROKER_UNAVAILABLE)
+    assert retry_delay_s(no_hint) is None
+    assert retry_delay_s(failed(UNAVAILABLE, "no route")) is None
+
+
+async def test_the_gateway_passes_a_busy_refusal_on_with_its_retry_hint() -> None:
+    context = Context()
+    error = answered(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", Reason.INGESTION_BUSY, 1.5)
+    with pytest.raises(Aborted):
+        await abort_upstream_failure(context, "ingestion", error, ". 500 accepted")  # type: ignore[arg-type]
+    reached = failed(context.code, context.details, context.trailers)
+    assert (reached.code(), reached.details()) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "busy. 500 accepted",
+    )
+    assert reason_of(reached) == Reason.INGESTION_BUSY and retry_delay_s(reached) == 1.5
 
 
 async def test_the_gateway_words_an_unreachable_service_and_names_it() -> None:
