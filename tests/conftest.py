@@ -148,3 +148,32 @@ async def ready_count(queue_name: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, passive=True)
         return int(queue.declaration_result.message_count or 0)
+
+
+async def queue_counts(queue_name: str) -> tuple[int, int]:
+    """``(ready, unacked)``: messages of a queue waiting, and delivered but not yet acked.
+
+    From the management API, whose statistics refresh every few seconds (RabbitMQ's
+    ``collect_statistics_interval``, 5 s by default): the figures lag. Use them to wait for
+    a state that lasts (``wait_for_unacked``), not as a sample of this instant; for the
+    ready count now, ``ready_count`` asks the broker directly.
+    """
+    info = await queue_info(queue_name)
+    return int(info.get("messages_ready", 0)), int(info.get("messages_unacknowledged", 0))
+
+
+async def wait_for_unacked(queue_name: str, timeout_s: float = 30) -> int:
+    """Wait until a consumer holds deliveries of the queue unacked; return how many.
+
+    The broker's view that work is in flight, for tests that must act while it is (a
+    SIGTERM, a broker restart). The state must last until it shows (see ``queue_counts``).
+    """
+    unacked = 0
+
+    async def held() -> bool:
+        nonlocal unacked
+        _, unacked = await queue_counts(queue_name)
+        return unacked > 0
+
+    await wait_until(held, timeout_s, what=f"unacked deliveries on {queue_name}")
+    return unacked

@@ -4,7 +4,9 @@ For each service: it exits 0 within its grace period (plus a margin) and logs ho
 shutdown took; RabbitMQ has no consumer of its left on the queues and saw its AMQP
 connections closed by the client (``closing AMQP connection`` at info level, not ``client
 unexpectedly closed TCP connection``), found through the process's own sockets so other
-clients of the broker cannot confuse the check. Prints, per service: readings in flight
+clients of the broker cannot confuse the check. A consumer (billing, analytics) finishes
+within its grace every delivery it held at the signal; billing is signalled while it
+provably holds some (a batch it cannot write yet). Prints, per service: readings in flight
 at the signal, time to exit, readings the load had to resend.
 """
 
@@ -33,10 +35,11 @@ from tests.conftest import (
     RABBITMQ_MANAGEMENT_URL,
     RABBITMQ_URL,
     ready_count,
+    wait_for_unacked,
     wait_until,
 )
 from tests.e2e.conftest import Stack
-from tests.faults.load import in_flight, reconciled, steady_load
+from tests.faults.load import reconciled, steady_load
 
 # Each test waits up to load.RECONCILE_WAIT_S for billing after its fault.
 pytestmark = pytest.mark.timeout(600)
@@ -50,6 +53,7 @@ GRACE_ENV = {
     for prefix in ("GATEWAY", "INGESTION", "BILLING", "ANALYTICS")
 }
 AMQP_SERVICES = ("ingestion_service", "billing_service", "analytics_service")
+CONSUMERS = ("billing_service", "analytics_service")
 
 
 class NoShutdownLine(AssertionError):
@@ -65,29 +69,58 @@ class NoShutdownLine(AssertionError):
         "api_gateway",
     ],
 )
-async def test_sigterm_then_restart_under_load(stacks, tmp_path: Path, service: str) -> None:
-    stack = await stacks(**GRACE_ENV)
+async def test_sigterm_then_restart_under_load(
+    stacks, catalog: Path, tmp_path: Path, service: str
+) -> None:
+    # While this file exists billing's MongoDB writes fail (and are retried): what billing
+    # holds then stays in flight until the file goes.
+    writes_fail = tmp_path / "billing-writes-fail"
+    stack = await stacks(
+        BILLING_FAULTS_FILE=str(writes_fail), BILLING_RETRY_MAX_DELAY_S="0.5", **GRACE_ENV
+    )
     ledger = tmp_path / "ledger.jsonl"
     load = asyncio.gather(  # what billing keeps up with, so it ends in time
         steady_load(stack, ledger, seconds=8, rate=RATE),
         steady_load(stack, ledger, seconds=8, rate=RATE, batch=25),
     )
-    await asyncio.sleep(3)
+    await wait_until(lambda: billed_some(stack), what="the load's readings billed")
     # A burst on top, so the signal finds RPCs and billing's prefetch window busy.
+    published = await stack.metric("INGESTION", "ingestion_published_total")
     burst = asyncio.create_task(
         steady_load(stack, ledger, seconds=1, rate=BURST_RATE, batch=25, prefix="burst")
     )
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: published_more(stack, published, 50), what="the burst flowing")
     process = stack.processes[service]
     amqp_ports = amqp_client_ports(process.pid) if service in AMQP_SERVICES else set()
     if service in AMQP_SERVICES:
         assert amqp_ports, f"{service} has no connection to RabbitMQ to check"
     broker_log = await broker_log_file()
     log_offset = broker_log.stat().st_size
-    flying = await in_flight(stack)
+    billing_queue = Topology(stack.prefix).billing_queue
+    if service == "billing_service":
+        retries = await stack.metric("BILLING", "billing_store_retries_total")
+        writes_fail.write_text("timeout")
+        await wait_until(
+            lambda: retried_since(stack, retries), what="billing retrying a batch it holds"
+        )
+        held = await wait_for_unacked(billing_queue)  # the broker's view agrees
+        assert held > 0
+    flying = await published_not_billed(stack)
 
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
+    if service == "billing_service":
+        # Writes work again only once billing's stop is under way (it logged the signal and
+        # failed a write since), so the deliveries it holds are still unacked when its
+        # consumer counts what is in flight. (A quorum queue keeps counting a cancelled
+        # consumer while it holds deliveries, so the broker cannot tell us it cancelled.)
+        log = stack.log_dir / f"{service}.log"
+        await wait_until(
+            lambda: logged(log, "termination signal received"), what="billing's stop to begin"
+        )
+        retries = await stack.metric("BILLING", "billing_store_retries_total")
+        await wait_until(lambda: retried_since(stack, retries), what="a write failing in the stop")
+        writes_fail.unlink()
     await asyncio.wait_for(process.wait(), timeout=GRACE_S + MARGIN_S)
     took_s = time.monotonic() - signalled
     assert process.returncode == 0, stack.logs()
@@ -96,6 +129,13 @@ async def test_sigterm_then_restart_under_load(stacks, tmp_path: Path, service: 
     shutdown = next(
         (line for line in lines if line["message"].startswith("shutdown completed")), None
     )
+    if service in CONSUMERS:
+        assert consumer is not None, f"{service} logged no 'consumer stopped' line"
+        # The drain: every delivery held at the signal was handled and acked in the grace.
+        assert consumer["left_unacked"] == 0, consumer
+        assert consumer["finished"] == consumer["in_flight"], consumer
+    if service == "billing_service":
+        assert consumer["in_flight"] > 0, f"billing held nothing at the signal: {consumer}"
 
     for queue in queues_of(stack, service):
         await wait_until(
@@ -109,18 +149,42 @@ async def test_sigterm_then_restart_under_load(stacks, tmp_path: Path, service: 
     restarted = time.monotonic()
     unary, batched = await load
     bursted = await burst
-    held = consumer["in_flight"] if consumer else "-"
+    in_flight = consumer["in_flight"] if consumer else "-"
     print(
         f"\nSIGTERM {service}: exited 0 in {took_s:.2f} s (logged "
-        f"{shutdown['shutdown_s'] if shutdown else '-'} s); handlers in flight {held}, "
+        f"{shutdown['shutdown_s'] if shutdown else '-'} s); handlers in flight {in_flight}, "
         f"published-not-billed {flying}; readings resent by the load "
         f"{unary.resent + batched.resent + bursted.resent}"
     )
-    await reconciled(stack, ledger, f"SIGTERM {service}", flying, restarted)
-    if consumer is not None and consumer["in_flight"]:
-        assert consumer["finished"] > 0, f"{service} let no handler finish: {consumer}"
+    await reconciled(
+        stack,
+        ledger,
+        catalog,
+        f"SIGTERM {service}",
+        f"{in_flight} held by the consumer, {flying} published and not billed",
+        restarted,
+    )
     if shutdown is None:
         raise NoShutdownLine(f"{service} logged no 'shutdown completed' line:\n{lines}")
+
+
+async def billed_some(stack: Stack) -> bool:
+    return await stack.metric("BILLING", "billing_readings_total", {"result": "billed"}) > 0
+
+
+async def published_more(stack: Stack, before: float, count: int) -> bool:
+    return await stack.metric("INGESTION", "ingestion_published_total") >= before + count
+
+
+async def retried_since(stack: Stack, before: float) -> bool:
+    return await stack.metric("BILLING", "billing_store_retries_total") > before
+
+
+async def published_not_billed(stack: Stack) -> int:
+    """Readings published but not yet acked by billing (an estimate: two samples)."""
+    published = await stack.metric("INGESTION", "ingestion_published_total")
+    acked = await stack.metric("BILLING", "consumer_messages_total", {"outcome": "acked"})
+    return max(0, int(published - acked))
 
 
 def json_lines(log: Path) -> list[dict]:
@@ -129,7 +193,7 @@ def json_lines(log: Path) -> list[dict]:
 
 
 async def test_billing_past_its_grace_leaves_unwritten_readings_unacked(
-    stacks, tmp_path: Path
+    stacks, catalog: Path, tmp_path: Path
 ) -> None:
     """MongoDB writes failing: SIGTERM acks nothing and hands every reading back at the end
     of the grace; a second SIGTERM exits at once. Once writes work, each is billed once."""
@@ -169,7 +233,8 @@ async def test_billing_past_its_grace_leaves_unwritten_readings_unacked(
     process = stack.processes["billing_service"]
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    # The second signal must come while the first one's graceful stop runs.
+    await wait_until(lambda: logged(log, "termination signal received"), what="the first SIGTERM")
     process.send_signal(signal.SIGTERM)
     await asyncio.wait_for(process.wait(), timeout=MARGIN_S)
     second_s = time.monotonic() - signalled
@@ -186,8 +251,25 @@ async def test_billing_past_its_grace_leaves_unwritten_readings_unacked(
         f"{128 + signal.SIGTERM} in {second_s:.2f} s"
     )
     await reconciled(
-        stack, ledger, "SIGTERM billing with writes failing", stopped["in_flight"], time.monotonic()
+        stack,
+        ledger,
+        catalog,
+        "SIGTERM billing with writes failing",
+        f"{stopped['in_flight']} held by billing",
+        time.monotonic(),
     )
+
+
+async def logged(log: Path, message_start: str) -> bool:
+    """The running process has logged a message starting with ``message_start``."""
+    for line in log.read_text().splitlines():  # noqa: ASYNC240 - a small file, polled
+        try:
+            message = json.loads(line).get("message", "")
+        except ValueError:  # not JSON, or the line being written
+            continue
+        if message.startswith(message_start):
+            return True
+    return False
 
 
 async def billing_reads(stack: Stack) -> bool:
