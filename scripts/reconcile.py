@@ -35,8 +35,10 @@ import typer
 from common.energy.v1 import billing_pb2, gateway_pb2_grpc
 from scripts import client_options as client
 from scripts.bill_check import (
+    MILLIWH_PER_KWH,
     BillReport,
     Catalog,
+    milliwh,
     months_touched,
     read_catalog,
     read_ledger_readings,
@@ -50,13 +52,13 @@ DEFAULT_CATALOG = Path("deployments/tariffs.yaml")
 @dataclass
 class DeviceCheck:
     device_id: str
-    expected: dict[str, Decimal]  # reading_id -> kWh
+    expected: dict[str, int]  # reading_id -> milliwatt-hours, as billing stores it
     zone: ZoneInfo  # where its days and months begin: its tariff's
     start: datetime  # [start, end): the whole local months the ledger touches
     end: datetime
     stored: set[str] = field(default_factory=set)
     billed_count: int = 0
-    billed_kwh: Decimal = Decimal(0)
+    billed_milliwh: int = 0
 
     @property
     def missing(self) -> set[str]:
@@ -72,7 +74,7 @@ class DeviceCheck:
             not self.missing
             and not self.unexpected
             and self.billed_count == len(self.expected)
-            and abs(self.billed_kwh - sum(self.expected.values())) < Decimal("0.000001")
+            and self.billed_milliwh == sum(self.expected.values())
         )
 
 
@@ -89,7 +91,7 @@ def read_ledger(path: Path, catalog: Catalog | None = None) -> dict[str, DeviceC
         months = months_touched(zone, readings.values())
         devices[device_id] = DeviceCheck(
             device_id,
-            {rid: Decimal(str(r.usage_kwh)) for rid, r in readings.items()},
+            {rid: milliwh(r.usage_kwh) for rid, r in readings.items()},
             zone,
             months[0].start,
             months[-1].end,
@@ -117,7 +119,8 @@ async def check(stub: gateway_pb2_grpc.GatewayStub, device: DeviceCheck) -> None
     usage.end.FromDatetime(device.end)
     buckets = (await stub.GetUsage(usage, timeout=30)).buckets
     device.billed_count = sum(b.count for b in buckets)
-    device.billed_kwh = sum((Decimal(str(b.sum_kwh)) for b in buckets), Decimal(0))
+    # sum_kwh is whole milliwatt-hours / 1e6 as a double: exact back to milliwatt-hours
+    device.billed_milliwh = sum(round(b.sum_kwh * MILLIWH_PER_KWH) for b in buckets)
 
 
 async def reconcile(
@@ -152,7 +155,7 @@ def render(results: list[DeviceCheck]) -> str:
         mark = "" if d.exact else "   <-- differs"
         lines.append(
             f"{d.device_id:24} {len(d.expected):9} {d.billed_count:9} "
-            f"{sum(d.expected.values()):14.6f} {d.billed_kwh:14.6f} "
+            f"{_kwh(sum(d.expected.values())):>14} {_kwh(d.billed_milliwh):>14} "
             f"{len(d.missing):8} {len(d.unexpected):8}{mark}"
         )
     differing = [d for d in results if not d.exact]
@@ -167,6 +170,10 @@ def render(results: list[DeviceCheck]) -> str:
         for rid in sorted(d.unexpected)[:5]:
             lines.append(f"  stored but not in the ledger: {d.device_id} {rid}")
     return "\n".join(lines)
+
+
+def _kwh(milliwatt_hours: int) -> str:
+    return f"{Decimal(milliwatt_hours).scaleb(-6):.6f}"
 
 
 app = typer.Typer(add_completion=False, help=__doc__)
