@@ -104,8 +104,10 @@ bench-soak: proto services ## 1,000,000 readings through a stack of its own: eve
 bench-billing: proto services ## How fast billing drains a queue of 5,000 readings into MongoDB and Redis [BENCH_BILLING_ARGS=--profile billing.txt]
 	$(PY) -m scripts.bench billing $(BENCH_BILLING_ARGS)
 
-test: proto services bench-tools ## Everything: unit, component (real servers), end to end, compose checks
-	$(PY) -m pytest
+# In a random order (pytest-randomly prints the seed): PYTEST_ARGS=--randomly-seed=N repeats
+# one, PYTEST_ARGS="-p no:randomly" keeps the files' order.
+test: proto services bench-tools ## Everything, in random order: unit, component (real servers), end to end, compose checks
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: proto ## Only the tests that need no server
 	$(PY) -m pytest tests/unit
