@@ -101,21 +101,19 @@ class Catalog:
     tariffs: dict[str, Tariff]
     device_tariff: dict[str, str]  # device id -> tariff id
     account_devices: dict[str, list[str]]  # account id -> its devices, in file order
+    device_account: dict[str, str]  # device id -> account id
 
     def tariff_of(self, device_id: str) -> Tariff:
         return self.tariffs[self.device_tariff.get(device_id, self.default_tariff)]
 
     def account_of(self, device_id: str) -> str | None:
-        for account, devices in self.account_devices.items():
-            if device_id in devices:
-                return account
-        return None
+        return self.device_account.get(device_id)
 
 
 def read_catalog(path: Path) -> Catalog:
     """The tariff catalog file (the one ``make seed`` loaded); ValueError if it is not one."""
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NumbersAsText)  # noqa: S506
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NumbersAsText)
         tariffs = {t["id"]: _tariff(t) for t in data["tariffs"]}
         devices = data.get("devices") or []
         accounts: dict[str, list[str]] = defaultdict(list)
@@ -126,6 +124,7 @@ def read_catalog(path: Path) -> Catalog:
             tariffs=tariffs,
             device_tariff={str(d["id"]): str(d["tariff"]) for d in devices},
             account_devices=dict(accounts),
+            device_account={str(d["id"]): str(d["account"]) for d in devices},
         )
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, ArithmeticError) as error:
         raise ValueError(f"{path}: not a tariff catalog the check can read: {error!r}") from None
