@@ -44,7 +44,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from common.messages import PoisonMessage, decode_reading
 from common.metrics import LATENCY_BUCKETS_S
@@ -80,6 +80,18 @@ READING_LAG = Histogram(
     "Time from a reading's timestamp to its processing.",
     ["consumer"],
     buckets=LAG_BUCKETS_S,
+)
+UNSETTLED = Gauge(
+    "consumer_unsettled_messages",
+    "Deliveries received and not yet settled: the work in flight that a crash would return "
+    "to the queue.",
+    ["consumer"],
+)
+REDELIVERED = Counter(
+    "consumer_redelivered_total",
+    "Deliveries the broker marked as redelivered (a consumer before this one held them "
+    "unsettled when it stopped or died).",
+    ["consumer"],
 )
 BATCH_SIZE = Histogram(
     "consumer_batch_size",
@@ -168,6 +180,8 @@ class ReadingConsumer:
         self._processing = PROCESSING.labels(name)
         self._lag = READING_LAG.labels(name)
         self._batch_sizes = BATCH_SIZE.labels(name)
+        self._in_flight = UNSETTLED.labels(name)
+        self._redelivered = REDELIVERED.labels(name)
 
     async def start(self) -> None:
         self._connection = await connect(self._url)
@@ -210,6 +224,7 @@ class ReadingConsumer:
                 task.cancel()
             await asyncio.gather(self._batches, return_exceptions=True)
         left_unacked = self._unsettled
+        self._in_flight.dec(left_unacked)  # the broker takes them back with the channel
         for closeable in (self._channel, self._connection):
             if closeable is not None and not closeable.is_closed:
                 try:
@@ -232,6 +247,9 @@ class ReadingConsumer:
             return
         self._received.append(_Delivery(message, time.monotonic()))
         self._unsettled += 1
+        self._in_flight.inc()
+        if message.redelivered:
+            self._redelivered.inc()
         self._arrived.set()
 
     async def _handle_batches(self) -> None:
@@ -382,6 +400,7 @@ class ReadingConsumer:
             if not delivery.settled:
                 delivery.settled = True
                 self._unsettled -= 1
+                self._in_flight.dec()
 
     async def _dead_letter(self, delivery: _Delivery, reason: str) -> None:
         """Publish to the dead-letter exchange with the reason, confirmed, then ack."""
