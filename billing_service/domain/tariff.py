@@ -31,7 +31,14 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 STEP_MINUTES = 15  # the ledger's slot: bands must align with it so a slot is in one band
 SLOTS_PER_DAY = 24 * 60 // STEP_MINUTES
-_MINOR_UNITS = {"JPY": 0, "KRW": 0, "KWD": 3, "BHD": 3, "JOD": 3, "OMR": 3, "TND": 3}
+# ISO 4217 currencies whose minor unit is not a hundredth (the list's 0, 3 and 4 places).
+_MINOR_UNITS = {
+    **dict.fromkeys(
+        "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split(), 0
+    ),
+    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 3),
+    **dict.fromkeys("CLF UYW".split(), 4),
+}
 _ENERGY_KINDS = "'flat', 'time_of_use' or 'tiered'"
 
 
