@@ -237,7 +237,9 @@ async def reconciled(
     """Assert every ledgered reading is billed exactly once and every bill of the ledger's
     devices and accounts is the independent computation's; print the fault's figures."""
     # Returns as soon as billing holds everything; the bound only matters on a slow machine.
-    results = await reconcile(ledger, stack.gateway, wait_s=RECONCILE_WAIT_S, token=ADMIN_TOKEN)
+    results = await reconcile(
+        ledger, stack.gateway, wait_s=RECONCILE_WAIT_S, token=ADMIN_TOKEN, catalog=catalog
+    )
     took = time.monotonic() - recovery_started
     report = render(results)
     assert all(d.exact for d in results), report + "\n" + stack.logs()[-6000:]
