@@ -177,3 +177,28 @@ async def wait_for_unacked(queue_name: str, timeout_s: float = 30) -> int:
 
     await wait_until(held, timeout_s, what=f"unacked deliveries on {queue_name}")
     return unacked
+
+
+async def ready_once_unconsumed(queue_name: str, timeout_s: float = 30) -> int:
+    """Messages ready in a queue once no consumer is left on it: the count after a consumer
+    stopped, with whatever it left unacked back in the queue.
+
+    Right after a consumer's channel closes, a quorum queue may not have taken back its
+    unacked deliveries yet (an immediate ``ready_count`` can read 0). It counts a departed
+    consumer until it has, so once the consumer count is 0 the ready count is final.
+    """
+    import aio_pika
+
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        ready = 0
+
+        async def unconsumed() -> bool:
+            nonlocal ready
+            queue = await channel.declare_queue(queue_name, passive=True)
+            ready = int(queue.declaration_result.message_count or 0)
+            return queue.declaration_result.consumer_count == 0
+
+        await wait_until(unconsumed, timeout_s, what=f"no consumer left on {queue_name}")
+        return ready

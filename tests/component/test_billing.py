@@ -26,6 +26,7 @@ from tests.conftest import (
     delete_topology,
     expected_totals,
     ready_count,
+    ready_once_unconsumed,
     wait_until,
 )
 from tests.mongo_server import LocalMongo
@@ -204,7 +205,7 @@ async def test_a_failed_mongodb_write_is_not_acked_and_is_billed_once_it_succeed
     # Shut billing down while MongoDB is still down: the message was never acked, so the
     # broker holds it again, ready for the next consumer.
     await app.stop()
-    assert await ready_count(Topology(prefix).billing_queue) == 1
+    assert await ready_once_unconsumed(Topology(prefix).billing_queue) == 1
 
     await mongo.start()
     app = BillingApp(settings(prefix, mongodb_url=mongo.url))

@@ -26,7 +26,14 @@ from common.messages import encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import REASON_HEADER, Topology, declare_topology
 from tests.component.test_billing import NOW, T, cleanup, publish, settings
-from tests.conftest import MONGODB_URL, RABBITMQ_URL, expected_totals, ready_count, wait_until
+from tests.conftest import (
+    MONGODB_URL,
+    RABBITMQ_URL,
+    expected_totals,
+    ready_count,
+    ready_once_unconsumed,
+    wait_until,
+)
 
 # A minute into a slot: minutes 0 to 13 fall in one slot, 15 to 28 in the next.
 BASE = slot_start(T) + timedelta(minutes=1)
@@ -132,8 +139,8 @@ async def test_a_batch_with_repeats_inside_bills_each_reading_once(prefix, apps)
     cached = await app.cache.month_slots("meter-1", key.month)
     assert set(cached.changed) == {k.start for k in expected_totals([r1, r2, r3])}
     assert await app.cache.latest("meter-1") == r3
-    await apps.stop(app)  # anything left unacked would be back in the queue now
-    assert await ready_count(Topology(prefix).billing_queue) == 0
+    await apps.stop(app)  # anything left unacked goes back to the queue
+    assert await ready_once_unconsumed(Topology(prefix).billing_queue) == 0
 
 
 async def test_a_redelivered_batch_changes_no_total(prefix, apps) -> None:
@@ -252,7 +259,7 @@ async def test_poison_messages_inside_a_batch_do_not_hold_back_their_neighbours(
         "unsupported schema_v",
     ]
     await apps.stop(app)
-    assert await ready_count(topology.billing_queue) == 0, "a delivery was left unacked"
+    assert await ready_once_unconsumed(topology.billing_queue) == 0, "a delivery left unacked"
 
 
 class HalfWrites:
@@ -344,7 +351,7 @@ async def test_a_batch_half_written_when_billing_stops_is_redelivered_and_billed
         "not half written"
     )
     await apps.stop(app)  # the grace (1 s) runs out: the batch goes back, unacked
-    assert await ready_count(Topology(prefix).billing_queue) == len(CREATES)
+    assert await ready_once_unconsumed(Topology(prefix).billing_queue) == len(CREATES)
     restarted = await apps.start()
     everything = WARM + CREATES
     await wait_until(lambda: _at_least(before, acked=len(everything)), what="the redelivery")
