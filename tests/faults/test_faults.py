@@ -32,6 +32,7 @@ from tests.faults.load import (
     STREAM_CHUNK,
     accepted_before_failure,
     billing_redelivered,
+    ledger_line,
     long_stream,
     reconciled,
     resend_stream,
@@ -398,7 +399,7 @@ async def test_poison_messages_are_dead_lettered_and_good_ones_billed(
 
 
 async def test_a_fixed_dead_letter_is_replayed_and_billed(
-    stacks, monkeypatch: pytest.MonkeyPatch
+    stacks, catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack = await stacks()
     reading = validate_reading(
@@ -423,6 +424,11 @@ async def test_a_fixed_dead_letter_is_replayed_and_billed(
         return await stack.metric("BILLING", "billing_readings_total", {"result": "billed"}) == 1
 
     await wait_until(billed, what="the replayed reading billed")
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(ledger_line(reading))
+    await reconciled(
+        stack, ledger, catalog, "a dead letter replayed", "one dead letter", time.monotonic()
+    )
 
 
 async def test_rolling_sigterm_of_every_service_under_load(
