@@ -73,6 +73,7 @@ class RabbitNode:
         self.process = await asyncio.create_subprocess_exec(
             str(RABBITMQ_BIN / "rabbitmq-server"),
             env=self._env(),
+            cwd=self.data_dir,  # where Mnesia writes a core file if the node dies badly
             stdout=log,
             stderr=log,
             start_new_session=True,  # the node's Erlang helpers go with it on a kill
