@@ -317,7 +317,7 @@ async def _send(
             reply = await stub.SendReadings(iter(requests), timeout=config.timeout_s)
             break
         except grpc.aio.AioRpcError as error:
-            if error.code() not in client.RESEND_CODES or attempt > config.retries:
+            if not client.should_resend(error) or attempt > config.retries:
                 if not summary.failure:
                     summary.failure = (
                         f"the batch of lines {lines[0]}-{lines[-1]} failed: "

@@ -237,7 +237,7 @@ async def run_fleet(config: FleetConfig) -> FleetSummary:
                 return
             except grpc.aio.AioRpcError as exc:
                 delay_s = client.resend_delay_s(exc, backoff_s)
-                if exc.code() not in client.RESEND_CODES or loop.time() + delay_s > give_up:
+                if not client.should_resend(exc) or loop.time() + delay_s > give_up:
                     raise
                 summary.resent += len(chunk)
                 await asyncio.sleep(delay_s)
