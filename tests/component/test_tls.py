@@ -106,7 +106,9 @@ async def test_a_client_with_a_certificate_publishes_over_mtls(
     [None, "ca only"],
     ids=["plaintext", "tls without a client certificate"],
 )
-async def test_mtls_refuses_clients_without_a_certificate(mtls_ingestion, pki, tls) -> None:
+async def test_mtls_refuses_clients_without_a_certificate(
+    mtls_ingestion, pki, tls, prefix: str
+) -> None:
     client_tls = InternalClientTlsSettings(internal_tls_ca_file=pki.ca) if tls else None
     client = IngestionClient(mtls_ingestion, timeout_s=3, tls=client_tls)
     try:
@@ -115,6 +117,9 @@ async def test_mtls_refuses_clients_without_a_certificate(mtls_ingestion, pki, t
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await client.close()
+    topology = Topology(prefix)  # refused: published nowhere
+    assert await ready_count(topology.billing_queue) == 0
+    assert await ready_count(topology.analytics_queue) == 0
 
 
 @pytest.fixture
