@@ -28,7 +28,7 @@ from ingestion_service.adapters.rabbit import RabbitPublisher
 from scripts.client_options import RESEND_CODES, resend_delay_s, should_resend
 from scripts.reconcile import reconcile, render
 from scripts.simulate import FleetConfig, FleetSummary, run_fleet
-from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, delete_topology
+from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, delete_topology, wait_until
 from tests.e2e.conftest import (
     RESEND_FOR_S,
     SLOW_BROKER_CHUNK_BYTES,
@@ -42,7 +42,10 @@ pytestmark = pytest.mark.timeout(900)  # the waits end when billing holds everyt
 # Far beyond the gateway's 5 s forward deadline: a DEADLINE_EXCEEDED could only be that one.
 CALL_DEADLINE_S = 300
 STREAMS, STREAM_READINGS = 16, 500  # four times the bound, at once
-UNARY_SENDERS = 20
+# Three of the streams' batches in flight (1,500 readings) and a crowd of 900 single
+# readings: 400 of them are beyond the bound. The crowd and the streams stay within the
+# gateway's GATEWAY_MAX_CONCURRENT_RPCS (1,000), which would refuse without a reason.
+MOSTLY_TAKEN, SINGLES, ROUNDS = 1500, 900, 10
 # How long billing may take to hold every acknowledged reading (it drains 1,000-1,500/s).
 RECONCILE_WAIT_S = 300
 
@@ -137,29 +140,41 @@ async def test_calls_beyond_the_bound_are_refused_at_once_with_a_reason_and_a_de
 
             await until_accepted(send, stream_refusals)
 
-        async def unary(sender: int, streams_done: asyncio.Event) -> None:
-            """One reading after the other until a SendReading was refused (one stream
-            batch more than fits takes the bound, then a single reading is refused too)."""
-            for minutes_ago in range(10_000):
-                if unary_refusals or streams_done.is_set():
-                    return
-                request = gateway_pb2.SendReadingRequest(
-                    reading=reading(f"single-{run}-{sender}", minutes_ago, now)
+        async def singles(round_number: int) -> None:
+            """SINGLES loggers send one reading each, at once; each resent until accepted."""
+            requests = [
+                gateway_pb2.SendReadingRequest(
+                    reading=reading(f"single-{run}-{n}", round_number, now)
                 )
-                await until_accepted(
-                    lambda r=request: stub.SendReading(r, timeout=CALL_DEADLINE_S),
-                    unary_refusals,
+                for n in range(SINGLES)
+            ]
+            await asyncio.gather(
+                *(
+                    until_accepted(
+                        lambda r=r: stub.SendReading(r, timeout=CALL_DEADLINE_S), unary_refusals
+                    )
+                    for r in requests
                 )
+            )
 
-        streams_done = asyncio.Event()
-        senders = [asyncio.create_task(unary(s, streams_done)) for s in range(UNARY_SENDERS)]
-        await asyncio.gather(*(stream(n) for n in range(STREAMS)))
-        streams_done.set()
-        await asyncio.gather(*senders)
+        pressure = asyncio.gather(*(stream(n) for n in range(STREAMS)))
+
+        async def bound_mostly_taken() -> bool:
+            in_flight = await slow_broker_stack.metric("INGESTION", "ingestion_in_flight_readings")
+            return pressure.done() or in_flight >= MOSTLY_TAKEN
+
+        # Single readings in flight keep the streams' batches from taking the whole bound, so
+        # the singles come as a crowd, once the streams hold most of it: some are beyond it.
+        for round_number in range(ROUNDS):
+            await wait_until(bound_mostly_taken, what="the streams to take the bound")
+            if pressure.done() or unary_refusals:
+                break
+            await singles(round_number)
+        await pressure
 
     refusals = stream_refusals + unary_refusals
     print(
-        f"\n{STREAMS} streams of {STREAM_READINGS} and {UNARY_SENDERS} single senders: "
+        f"\n{STREAMS} streams of {STREAM_READINGS}, crowds of {SINGLES} single readings: "
         f"{len(stream_refusals)} stream and {len(unary_refusals)} single refusals, delays "
         f"{min(retry_delay_s(r) or 0 for r in refusals):.2f}-"
         f"{max(retry_delay_s(r) or 0 for r in refusals):.2f} s"
