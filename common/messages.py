@@ -1,12 +1,22 @@
-"""The JSON body of a reading on the broker, and its decoding with validation.
+"""The JSON bodies of readings on the broker, and their decoding with validation.
 
 Readable in the RabbitMQ management UI; ``schema_version`` lets consumers refuse what
-they do not understand instead of guessing.
+they do not understand instead of guessing. Two versions, both accepted by consumers:
+
+- version 1: one reading per message (``encode_reading``), its ``reading_id`` the message id;
+- version 2: a batch of readings per message (``encode_batch``), with a ``batch_id`` that
+  is the message id. Idempotency stays per reading: each element carries its reading_id.
+
+A version-2 element that is invalid is not a reason to lose its neighbours: ``decode``
+returns it apart, as the version-1 body it would have had, with the reason, so that it can
+be dead-lettered alone.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,29 +24,105 @@ import orjson
 
 from common.models import DEFAULT_LIMITS, Limits, Reading, validate_reading
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # one reading per message
+BATCH_SCHEMA_VERSION = 2  # many readings per message
+SCHEMA_VERSIONS = (SCHEMA_VERSION, BATCH_SCHEMA_VERSION)
 CONTENT_TYPE = "application/json"
+_FIELDS = {"reading_id": str, "device_id": str, "timestamp": str, "usage_kwh": (int, float)}
 
 
 class PoisonMessage(ValueError):
     """A broker message that can never be processed; the text is the dead-letter reason."""
 
 
+@dataclass(frozen=True)
+class InvalidElement:
+    """One bad reading of a batch: its version-1 body and why it can never be billed."""
+
+    body: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A message's valid readings, and the invalid elements of a batch (to dead-letter)."""
+
+    readings: list[Reading]
+    invalid: list[InvalidElement] = field(default_factory=list)
+
+
+def _element(reading: Reading) -> dict[str, Any]:
+    return {
+        "reading_id": reading.reading_id,
+        "device_id": reading.device_id,
+        "timestamp": reading.timestamp.astimezone(UTC).isoformat(timespec="microseconds"),
+        "usage_kwh": reading.usage_kwh,
+    }
+
+
 def encode_reading(reading: Reading) -> bytes:
-    """Serialise a validated reading to the broker's JSON body."""
+    """A validated reading as a version-1 body (one reading per message)."""
+    return orjson.dumps({"schema_version": SCHEMA_VERSION, **_element(reading)})
+
+
+def encode_batch(readings: Sequence[Reading], batch_id: str) -> bytes:
+    """Validated readings as one version-2 body; ``batch_id`` is also the message id."""
     return orjson.dumps(
         {
-            "schema_version": SCHEMA_VERSION,
-            "reading_id": reading.reading_id,
-            "device_id": reading.device_id,
-            "timestamp": reading.timestamp.astimezone(UTC).isoformat(timespec="microseconds"),
-            "usage_kwh": reading.usage_kwh,
+            "schema_version": BATCH_SCHEMA_VERSION,
+            "batch_id": batch_id,
+            "readings": [_element(reading) for reading in readings],
         }
     )
 
 
+def decode(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Parse and re-validate a body of either version.
+
+    Raises PoisonMessage with the reason when the whole message is bad (not JSON, unknown
+    version, a version-1 reading that is invalid, a batch without a list of readings).
+    """
+    data = _json_object(body)
+    version = data.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return Decoded([_reading(data, now, limits)])
+    if version != BATCH_SCHEMA_VERSION:
+        raise PoisonMessage(
+            f"unsupported schema_version {version!r}; expected one of {list(SCHEMA_VERSIONS)}"
+        )
+    elements = data.get("readings")
+    if not isinstance(elements, list):
+        raise PoisonMessage("field 'readings' is missing or is not a list")
+    decoded = Decoded([])
+    for index, element in enumerate(elements):
+        try:
+            if not isinstance(element, dict):
+                raise PoisonMessage("is not a JSON object")
+            decoded.readings.append(_reading(element, now, limits))
+        except PoisonMessage as error:
+            alone = (
+                {"schema_version": SCHEMA_VERSION, **element}
+                if isinstance(element, dict)
+                else element
+            )
+            decoded.invalid.append(
+                InvalidElement(
+                    _dumps(alone), f"readings[{index}] of batch {data.get('batch_id')!r}: {error}"
+                )
+            )
+    return decoded
+
+
 def decode_reading(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMITS) -> Reading:
-    """Parse and re-validate a message body; raise PoisonMessage with the reason if it is bad."""
+    """Parse and re-validate a version-1 body; raise PoisonMessage with the reason if bad."""
+    data = _json_object(body)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PoisonMessage(f"unsupported schema_version {version!r}; expected {SCHEMA_VERSION}")
+    return _reading(data, now, limits)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     data: Any
     try:
         data = orjson.loads(body)  # about 7x faster than json.loads on this body
@@ -48,11 +134,11 @@ def decode_reading(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMIT
             raise PoisonMessage(f"body is not JSON: {error}") from None
     if not isinstance(data, dict):
         raise PoisonMessage("body is not a JSON object")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise PoisonMessage(f"unsupported schema_version {version!r}; expected {SCHEMA_VERSION}")
-    fields = {"reading_id": str, "device_id": str, "timestamp": str, "usage_kwh": (int, float)}
-    for name, kind in fields.items():
+    return data
+
+
+def _reading(data: dict[str, Any], now: datetime, limits: Limits) -> Reading:
+    for name, kind in _FIELDS.items():
         value = data.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise PoisonMessage(f"field {name!r} is missing or has the wrong type")
@@ -73,3 +159,8 @@ def decode_reading(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMIT
         )
     except ValueError as error:
         raise PoisonMessage(f"invalid reading: {error}") from None
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON of a decoded value, NaN included (json writes it; orjson would write null)."""
+    return json.dumps(value, separators=(",", ":")).encode()
