@@ -29,7 +29,7 @@ dev up down down-delete-data: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 up down down-delete-data: export RABBITMQ_PASSWORD = $(shell cat $(RABBITMQ_PASSWORD_FILE))
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
+.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ test-faults: proto services ## Only the fault tests: kills, broker and store out
 bench-tools: ## Install (when missing) the load tools make bench drives: ghz and PerfTest
 	bash scripts/bench_tools.sh
 
+helm-tools: ## Install (when missing) helm and kubeconform, built from the Go module proxy (chart tests)
+	bash scripts/helm_tools.sh
+
 bench: proto services bench-tools $(ADMIN_TOKEN_FILE) ## Broker baseline, streaming, unary (ghz), devices, RSS: table + bench-results.json [BENCH_ARGS=--quick]
 	$(PY) -m scripts.bench all --target $(TARGET) $(BENCH_ARGS)
 
@@ -106,7 +109,7 @@ bench-billing: proto services ## How fast billing drains a queue of 5,000 readin
 
 # In a random order (pytest-randomly prints the seed): PYTEST_ARGS=--randomly-seed=N repeats
 # one, PYTEST_ARGS="-p no:randomly" keeps the files' order.
-test: proto services bench-tools ## Everything, in random order: unit, component (real servers), end to end, compose checks
+test: proto services bench-tools helm-tools ## Everything, in random order: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: proto ## Only the tests that need no server
