@@ -44,7 +44,8 @@ class AnalyticsApp:
             AnalyticsHandler(self.tally, self.catalog.is_registered, settings.top_n),
             settings.prefetch,
             settings.limits,
-            # Handled one by one, acked once per batch: the ack frames were its top cost.
+            # Counted one by one, acked once per batch: the ack frames were its top cost.
+            batch_size=settings.batch_size,
             batch_linger_s=settings.batch_linger_s,
         )
         self._background: list[asyncio.Task[object]] = []

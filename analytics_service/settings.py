@@ -14,7 +14,10 @@ class AnalyticsSettings(BrokerSettings, InternalClientTlsSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     metrics_port: Port = 9100
-    prefetch: int = Field(256, ge=1, le=10_000, description="unacked deliveries in flight")
+    # Messages in flight (up to 128,000 readings, about 19 MB of bodies, with messages of
+    # the gateway's 500); a batch counts readings, is counted in memory and acked at once.
+    prefetch: int = Field(256, ge=1, le=10_000, description="unacked messages in flight")
+    batch_size: int = Field(5000, ge=1, le=100_000, description="readings acked together")
     batch_linger_s: float = Field(
         0.05, ge=0, le=10, description="gather deliveries this long, then ack them at once"
     )

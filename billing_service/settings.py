@@ -1,8 +1,6 @@
 """Settings of billing_service, from BILLING_* and the shared variables."""
 
-from typing import Self
-
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import BrokerSettings, Port
@@ -29,10 +27,15 @@ class BillingSettings(BrokerSettings, ServerTlsSettings):
     )
     redis_key_prefix: str = Field("energy:", validation_alias="REDIS_KEY_PREFIX")
     redis_timeout_s: float = Field(2.0, gt=0)
-    prefetch: int = Field(5000, ge=1, le=10_000, description="unacked deliveries in flight")
+    # The prefetch counts messages (the broker's unit), the batch readings: a message holds
+    # one reading or up to the gateway's batch (500). 200 messages keep two batches ahead
+    # once messages hold 25 readings or more, and bound what billing holds (and a crash
+    # hands back) to 100,000 readings, about 15 MB of bodies; single-reading messages (an
+    # old publisher) are billed in batches of 200 (README, Broker messages).
+    prefetch: int = Field(200, ge=1, le=10_000, description="unacked messages in flight")
     batch_size: int = Field(
-        2500, ge=1, le=10_000, description="deliveries billed together (at most the prefetch)"
-    )  # left at its default, it shrinks to a smaller prefetch
+        2500, ge=1, le=10_000, description="readings billed together (a message is not split)"
+    )
     batch_linger_s: float = Field(
         0.05, ge=0, le=10, description="wait this long after a delivery for a fuller batch"
     )
@@ -46,12 +49,3 @@ class BillingSettings(BrokerSettings, ServerTlsSettings):
         "", description="testing aid: while this file exists, MongoDB writes fail (tests/faults)"
     )
     shutdown_grace_s: float = Field(10.0, ge=0)
-
-    @model_validator(mode="after")
-    def _batch_fits_the_prefetch(self) -> Self:
-        if "batch_size" in self.model_fields_set and self.batch_size > self.prefetch:
-            raise ValueError(
-                f"BILLING_BATCH_SIZE ({self.batch_size}) must not exceed BILLING_PREFETCH "
-                f"({self.prefetch}): the broker never delivers more than the prefetch"
-            )
-        return self

@@ -1,19 +1,26 @@
 """Consuming readings from a queue in batches, with the acknowledgement policy decided in one place.
 
-Deliveries are gathered into batches: ``batch_size`` of them, or whatever has arrived
-``batch_linger_s`` after the first, whichever comes first. Batches are handled one at a
-time, in delivery order, and every delivery ends in one outcome, which one table (``_settle``)
-turns into broker actions:
-- ``DeadLetter(reason)``, a poison message (unparseable or invalid): published to the
-  dead-letter exchange with the reason in the ``x-rejection-reason`` header, confirmed,
-  then acked, one by one, before the batch's good readings are handled, so they do not
-  hold them back;
-- ``Ack``: the handler returned for the batch's good readings (for billing: once MongoDB
-  holds them), and one ``ack(multiple=True)`` on the last of them acks them all. That is
-  exact because every earlier delivery on the channel is settled by then: the batches
-  before were settled in full, and this batch's other outcomes are settled first;
+A delivery carries one reading (schema version 1) or many (version 2, ``common.messages``).
+Deliveries are gathered into batches by the readings they carry: up to ``batch_size``
+readings, or whatever has arrived ``batch_linger_s`` after the first, whichever comes
+first. A delivery is never split (one carrying more than ``batch_size`` is a batch alone),
+and only the batch being gathered is decoded: memory holds the prefetch window's bodies
+and one batch of readings, whatever the messages' sizes.
+
+Batches are handled one at a time, in delivery order, and every delivery ends in one
+outcome, which one table (``_settle``) turns into broker actions:
+- ``DeadLetter(reason)``, a message that cannot be read at all (not JSON, unknown schema
+  version, an invalid version-1 reading): published to the dead-letter exchange with the
+  reason in the ``x-rejection-reason`` header, confirmed, then acked, one by one, before
+  the batch's good readings are handled, so they do not hold them back;
+- ``Ack``: the delivery's valid readings were handled with the batch (for billing: MongoDB
+  holds them) and each of its invalid elements is in the dead-letter queue alone, as the
+  version-1 message it would have been, with its reason (``_dead_letter_invalid``). One
+  ``ack(multiple=True)`` on the last delivery acks them all. That is exact because every
+  earlier delivery on the channel is settled by then: the batches before were settled in
+  full, and this batch's other outcomes are settled first;
 - ``Requeue``: anything else unexpected. It is logged once, the batch is handled again one
-  reading at a time, and only the readings that fail again are requeued; the quorum
+  delivery at a time, and only the deliveries that fail again are requeued; the quorum
   queue's delivery limit moves one that keeps failing to the dead-letter queue instead of
   looping.
 
@@ -29,12 +36,13 @@ broker for redelivery.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aio_pika
@@ -46,7 +54,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
-from common.messages import PoisonMessage, decode_reading
+from common.messages import CONTENT_TYPE, InvalidElement, PoisonMessage, decode
 from common.metrics import LATENCY_BUCKETS_S
 from common.models import Limits, Reading
 from common.rabbit import (
@@ -61,12 +69,22 @@ from common.request_id import LOG_FIELD, bound, from_message_headers
 
 log = logging.getLogger(__name__)
 
+# Headers of a dead letter besides the reason: the queue it was consumed from, and for an
+# element of a batch, the message id of the batch it came from.
+ORIGINAL_QUEUE_HEADER = "x-original-queue"
+BATCH_ID_HEADER = "x-batch-id"
 # Cap on each broker call made while stopping (cancel, channel and connection close).
 STOP_CALL_TIMEOUT_S = 5.0
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 604800)
 MESSAGES = Counter(
     "consumer_messages_total",
     "Messages consumed, by consumer and outcome (acked, dead_lettered, requeued).",
+    ["consumer", "outcome"],
+)
+READINGS = Counter(
+    "consumer_readings_total",
+    "Readings consumed, by consumer and outcome: acked (handled), dead_lettered (an invalid "
+    "element alone, or a message that cannot be read at all, which counts as one), requeued.",
     ["consumer", "outcome"],
 )
 PROCESSING = Histogram(
@@ -95,10 +113,11 @@ REDELIVERED = Counter(
 )
 BATCH_SIZE = Histogram(
     "consumer_batch_size",
-    "Deliveries per batch handled.",
+    "Readings per batch handled (a message without any counts as one).",
     ["consumer"],
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
+OUTCOMES = ("acked", "dead_lettered", "requeued")
 
 # Handles a batch of valid readings; returns once they may be acked, raises if they may not.
 BatchHandler = Callable[[Sequence[Reading]], Awaitable[None]]
@@ -106,14 +125,12 @@ BatchHandler = Callable[[Sequence[Reading]], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Ack:
-    """Handled: acknowledge."""
-
-    reading: Reading
+    """Handled (its invalid elements dead-lettered alone): acknowledge."""
 
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """Poison: to the dead-letter queue with ``reason``, then acknowledge."""
+    """Cannot be read at all: to the dead-letter queue with ``reason``, then acknowledge."""
 
     reason: str
 
@@ -131,13 +148,40 @@ class _Delivery:
     message: AbstractIncomingMessage
     received: float  # time.monotonic()
     settled: bool = False
+    # Set by ``decode``, once the delivery is gathered into a batch:
+    decoded: bool = False
+    readings: list[Reading] = field(default_factory=list)
+    invalid: list[InvalidElement] = field(default_factory=list)  # to dead-letter alone
+    unreadable: str | None = None  # why the whole message is poison, if it is
+
+    def decode(self, limits: Limits) -> None:
+        if self.decoded:
+            return
+        self.decoded = True
+        try:
+            decoded = decode(self.message.body, now=datetime.now(UTC), limits=limits)
+        except PoisonMessage as error:
+            self.unreadable = str(error)
+        except Exception as error:
+            # A body the decoder chokes on (a bug) chokes it on every redelivery too:
+            # dead-letter it now instead of looping to the delivery limit.
+            log.exception("unexpected failure decoding a message; dead-lettering it")
+            self.unreadable = f"could not be decoded: {error!r}"
+        else:
+            self.readings, self.invalid = decoded.readings, decoded.invalid
+
+    @property
+    def count(self) -> int:
+        """Readings it carries, valid or not; a message that cannot be read counts as one."""
+        return 1 if self.unreadable is not None else len(self.readings) + len(self.invalid)
 
 
 class ReadingConsumer:
     """Consumes one queue with manual acks and a prefetch window, a batch at a time.
 
-    ``handler`` handles the valid readings of a batch together; after an unexpected
-    failure it is called again with one reading at a time.
+    ``prefetch`` counts messages (the broker's unit) and ``batch_size`` readings: a message
+    holds one reading or a batch of them. ``handler`` handles the valid readings of a batch
+    together; after an unexpected failure it is called again with one delivery's at a time.
     """
 
     def __init__(
@@ -150,7 +194,7 @@ class ReadingConsumer:
         prefetch: int,
         limits: Limits,
         *,
-        batch_size: int | None = None,
+        batch_size: int,
         batch_linger_s: float = 0.0,
     ) -> None:
         self._name = name
@@ -159,8 +203,7 @@ class ReadingConsumer:
         self._queue_name = queue_name
         self._handler = handler
         self._prefetch = prefetch
-        # More than the prefetch window could never fill: the broker stops delivering.
-        self._batch_size = max(1, min(batch_size or prefetch, prefetch))
+        self._batch_size = max(1, batch_size)
         self._batch_linger_s = batch_linger_s
         self._limits = limits
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -173,10 +216,8 @@ class ReadingConsumer:
         self._unsettled = 0
         self._batches: asyncio.Task[None] | None = None
         self._stopping = False
-        self._outcomes = {
-            outcome: MESSAGES.labels(name, outcome)
-            for outcome in ("acked", "dead_lettered", "requeued")
-        }
+        self._messages = {outcome: MESSAGES.labels(name, outcome) for outcome in OUTCOMES}
+        self._readings = {outcome: READINGS.labels(name, outcome) for outcome in OUTCOMES}
         self._processing = PROCESSING.labels(name)
         self._lag = READING_LAG.labels(name)
         self._batch_sizes = BATCH_SIZE.labels(name)
@@ -265,50 +306,63 @@ class ReadingConsumer:
                 await self._requeue([d for d in batch if not d.settled])
 
     async def _next_batch(self) -> list[_Delivery] | None:
+        """The next deliveries in order, up to ``batch_size`` readings (at least one
+        delivery), waiting at most ``batch_linger_s`` after the first for a fuller batch.
+
+        Only this batch's deliveries are decoded, and a delivery decoded but left for the
+        next batch keeps what it decoded."""
         while not self._received:
             if self._stopping:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
         linger_until = self._received[0].received + self._batch_linger_s
-        while len(self._received) < self._batch_size and not self._stopping:
+        batch: list[_Delivery] = []
+        readings = 0
+        while True:
+            while self._received:
+                head = self._received[0]
+                head.decode(self._limits)
+                size = max(1, head.count)  # an empty batch message still costs an ack
+                if batch and readings + size > self._batch_size:
+                    return batch  # full: the head begins the next batch
+                batch.append(self._received.popleft())
+                readings += size
             remaining_s = linger_until - time.monotonic()
-            if remaining_s <= 0:
-                break
+            # With the prefetch window full the broker sends nothing more until we settle:
+            # lingering could not make the batch any fuller (small messages, big batches).
+            window_full = self._unsettled >= self._prefetch
+            if readings >= self._batch_size or window_full or self._stopping or remaining_s <= 0:
+                return batch
             self._arrived.clear()
             try:
                 async with asyncio.timeout(remaining_s):
                     await self._arrived.wait()
             except TimeoutError:
-                break
-        count = min(len(self._received), self._batch_size)
-        return [self._received.popleft() for _ in range(count)]
+                return batch
 
     async def _handle(self, batch: list[_Delivery]) -> None:
-        self._batch_sizes.observe(len(batch))
-        now = datetime.now(UTC)
-        poison: list[tuple[_Delivery, Outcome]] = []
-        good: list[tuple[_Delivery, Reading]] = []
+        self._batch_sizes.observe(sum(max(1, delivery.count) for delivery in batch))
+        settled_first: list[tuple[_Delivery, Outcome]] = []
+        good: list[_Delivery] = []
         for delivery in batch:
-            try:
-                reading = decode_reading(delivery.message.body, now=now, limits=self._limits)
-            except PoisonMessage as error:
-                poison.append((delivery, DeadLetter(str(error))))
+            if delivery.unreadable is not None:
+                settled_first.append((delivery, DeadLetter(delivery.unreadable)))
+            elif delivery.invalid and not await self._dead_letter_invalid(delivery):
+                settled_first.append((delivery, Requeue()))
             else:
-                good.append((delivery, reading))
-        await self._settle(poison)
+                good.append(delivery)
+        await self._settle(settled_first)
         if good:
             await self._settle(await self._handled(good))
 
-    async def _handled(
-        self, good: list[tuple[_Delivery, Reading]]
-    ) -> list[tuple[_Delivery, Outcome]]:
-        """Ack for all when the handler takes the batch; else reading by reading."""
+    async def _handled(self, good: list[_Delivery]) -> list[tuple[_Delivery, Outcome]]:
+        """Ack for all when the handler takes the batch; else delivery by delivery."""
         try:
-            await self._handler([reading for _, reading in good])
+            await self._handle_readings([r for delivery in good for r in delivery.readings])
         except Exception:
             log.exception(
-                "unexpected failure handling a batch; handling it reading by reading",
+                "unexpected failure handling a batch; handling it delivery by delivery",
                 extra={"queue": self._queue_name, "batch": len(good)},
             )
         else:
@@ -317,28 +371,33 @@ class ReadingConsumer:
                     "batch handled",
                     extra={"queue": self._queue_name, "batch": len(good), **_request_ids(good)},
                 )
-            return [(delivery, Ack(reading)) for delivery, reading in good]
+            return [(delivery, Ack()) for delivery in good]
         outcomes: list[tuple[_Delivery, Outcome]] = []
-        for delivery, reading in good:
+        for delivery in good:
             try:
                 with _bound_to(delivery):
-                    await self._handler([reading])
+                    await self._handle_readings(delivery.readings)
             except Exception:
                 log.exception(
                     "unexpected failure handling a message; requeueing it",
                     extra={
                         "message_id": delivery.message.message_id,
+                        "readings": len(delivery.readings),
                         "queue": self._queue_name,
                         LOG_FIELD: from_message_headers(delivery.message.headers),
                     },
                 )
                 outcomes.append((delivery, Requeue()))
             else:
-                outcomes.append((delivery, Ack(reading)))
+                outcomes.append((delivery, Ack()))
         return outcomes
 
+    async def _handle_readings(self, readings: list[Reading]) -> None:
+        if readings:  # a batch message may hold only invalid elements, or none
+            await self._handler(readings)
+
     async def _settle(self, outcomes: list[tuple[_Delivery, Outcome]]) -> None:
-        """The acknowledgement policy: each outcome's broker action, in ``SETTLE`` order."""
+        """The acknowledgement policy: each outcome's broker action, in this order."""
         for kind, settle in (
             (DeadLetter, self._dead_letter_all),
             (Requeue, self._requeue_all),
@@ -361,7 +420,6 @@ class ReadingConsumer:
         """One ``ack(multiple=True)`` on the last delivery of each channel: one channel,
         unless the connection was re-established during the batch."""
         by_channel: dict[int, list[_Delivery]] = {}
-        acked = 0
         for delivery, _ in outcomes:
             try:
                 channel = delivery.message.channel
@@ -372,6 +430,7 @@ class ReadingConsumer:
                 )
                 continue
             by_channel.setdefault(id(channel), []).append(delivery)
+        acked: list[_Delivery] = []
         for deliveries in by_channel.values():
             last = max(deliveries, key=lambda delivery: delivery.message.delivery_tag or 0)
             try:
@@ -379,21 +438,29 @@ class ReadingConsumer:
             except Exception:  # channel gone: the broker redelivers unacked messages anyway
                 log.warning("could not ack; the broker will redeliver", exc_info=True)
             else:
-                acked += len(deliveries)
+                acked += deliveries
         finished, now = time.monotonic(), datetime.now(UTC)
-        for delivery, outcome in outcomes:
-            assert isinstance(outcome, Ack)
+        for delivery in acked:
             self._processing.observe(finished - delivery.received)
-            self._lag.observe((now - outcome.reading.timestamp).total_seconds())
-        self._settle_deliveries([delivery for delivery, _ in outcomes])
-        self._outcomes["acked"].inc(acked)
-        self._outcomes["requeued"].inc(len(outcomes) - acked)
+            for reading in delivery.readings:
+                self._lag.observe((now - reading.timestamp).total_seconds())
+        everything = [delivery for delivery, _ in outcomes]
+        self._settle_deliveries(everything)
+        self._messages["acked"].inc(len(acked))
+        self._readings["acked"].inc(sum(len(delivery.readings) for delivery in acked))
+        self._readings["dead_lettered"].inc(sum(len(delivery.invalid) for delivery in acked))
+        not_acked = set(everything).difference(acked)  # their channel closed: redelivered
+        self._count_requeued(list(not_acked))
 
     async def _requeue(self, deliveries: list[_Delivery]) -> None:
         for delivery in deliveries:
             await _requeue(delivery.message)
         self._settle_deliveries(deliveries)
-        self._outcomes["requeued"].inc(len(deliveries))
+        self._count_requeued(deliveries)
+
+    def _count_requeued(self, deliveries: list[_Delivery]) -> None:
+        self._messages["requeued"].inc(len(deliveries))
+        self._readings["requeued"].inc(sum(delivery.count for delivery in deliveries))
 
     def _settle_deliveries(self, deliveries: list[_Delivery]) -> None:
         for delivery in deliveries:
@@ -416,7 +483,7 @@ class ReadingConsumer:
             },
         )
         headers = dict(message.headers or {})
-        headers.update({REASON_HEADER: reason, "x-original-queue": self._queue_name})
+        headers.update({REASON_HEADER: reason, ORIGINAL_QUEUE_HEADER: self._queue_name})
         try:
             await self._dead_letter_exchange.publish(
                 persistent_copy(message, headers), routing_key=message.routing_key or ROUTING_KEY
@@ -430,8 +497,76 @@ class ReadingConsumer:
         except Exception:  # channel gone: redelivered, and dead-lettered again
             log.warning("could not ack a dead letter; the broker will redeliver", exc_info=True)
         self._settle_deliveries([delivery])
-        self._outcomes["dead_lettered"].inc()
+        self._messages["dead_lettered"].inc()
+        self._readings["dead_lettered"].inc(delivery.count)
         self._processing.observe(time.monotonic() - delivery.received)
+
+    async def _dead_letter_invalid(self, delivery: _Delivery) -> bool:
+        """Publish each invalid element of a batch to the dead-letter exchange alone, as the
+        version-1 message it would have been, all confirmed; False if one was not (then the
+        delivery is requeued whole).
+
+        The delivery is acked only later, once its valid readings are handled. A crash in
+        between (or a handler failure that requeues it) redelivers it, and its elements are
+        dead-lettered again: the same message id shows twice in ``make dlq``, and replaying
+        both bills the reading once (idempotency is per reading id). Avoiding that would take
+        a record of dead-lettered elements, written to a store on every such batch, for a
+        rare crash; and the same holds already for a whole poison message whose ack is lost
+        after its dead letter was confirmed.
+        """
+        assert self._dead_letter_exchange is not None
+        message = delivery.message
+        base = dict(message.headers or {})
+        base[ORIGINAL_QUEUE_HEADER] = self._queue_name
+        if message.message_id:
+            base[BATCH_ID_HEADER] = message.message_id
+        letters = []
+        for number, element in enumerate(delivery.invalid):
+            message_id = _reading_id(element) or _nth_invalid(message.message_id, number)
+            log.warning(
+                "dead-lettering an invalid reading of a batch",
+                extra={
+                    "message_id": message_id,
+                    "batch_id": message.message_id,
+                    "reason": element.reason,
+                    "queue": self._queue_name,
+                    LOG_FIELD: from_message_headers(message.headers),
+                },
+            )
+            letter = aio_pika.Message(
+                element.body,
+                headers={**base, REASON_HEADER: element.reason},
+                content_type=CONTENT_TYPE,
+                message_id=message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            letters.append(self._dead_letter_exchange.publish(letter, routing_key=ROUTING_KEY))
+        # Confirmed together: a batch from a foreign publisher may be wholly invalid.
+        results = await asyncio.gather(*letters, return_exceptions=True)
+        failures = [result for result in results if isinstance(result, Exception)]
+        if failures:
+            log.error(
+                "could not dead-letter an invalid reading; requeueing its message",
+                exc_info=failures[0],
+                extra={"message_id": message.message_id, "failed": len(failures)},
+            )
+            return False
+        return True
+
+
+def _reading_id(element: InvalidElement) -> str | None:
+    """The reading id an invalid element carries, if it has a usable one."""
+    try:
+        data = json.loads(element.body)
+    except ValueError:
+        return None
+    found = data.get("reading_id") if isinstance(data, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
+def _nth_invalid(batch_id: str | None, number: int) -> str | None:
+    """A message id for an invalid element without a reading id, stable on redelivery."""
+    return f"{batch_id}:invalid-{number}" if batch_id else None
 
 
 def _bound_to(delivery: _Delivery) -> AbstractContextManager[object]:
@@ -440,9 +575,9 @@ def _bound_to(delivery: _Delivery) -> AbstractContextManager[object]:
     return bound(request_id) if request_id else nullcontext()
 
 
-def _request_ids(good: list[tuple[_Delivery, Reading]], most: int = 100) -> dict[str, object]:
+def _request_ids(good: list[_Delivery], most: int = 100) -> dict[str, object]:
     """The distinct request ids of a batch (a stream is one request), at most ``most``."""
-    found = {from_message_headers(delivery.message.headers) for delivery, _ in good} - {None}
+    found = {from_message_headers(delivery.message.headers) for delivery in good} - {None}
     return {f"{LOG_FIELD}s": sorted(found)[:most], "request_id_count": len(found)}
 
 
