@@ -4,6 +4,12 @@
     python -m scripts.dlq replay ID [ID ...]   # make dlq-replay IDS="..."
     python -m scripts.dlq replay --all
 
+Dead letters are of both message versions: a whole message that could not be read (a
+version-2 one is listed with its batch id and how many readings it holds), or one invalid
+reading of a batch, dead-lettered alone as a version-1 message whose id is its reading id,
+with the batch it came from in ``x-batch-id``. Both replay as they are: consumers accept
+either version.
+
 Listing takes every message off the dead-letter queue without acknowledging it and
 closes the channel, so the broker puts them all back. Replaying publishes a chosen message
 to the readings exchange with a publisher confirm, and only then acknowledges it: a crash
@@ -21,6 +27,8 @@ import aio_pika
 import typer
 from aio_pika.abc import AbstractIncomingMessage
 
+from common.consumer import BATCH_ID_HEADER, ORIGINAL_QUEUE_HEADER
+from common.messages import BATCH_SCHEMA_VERSION, SCHEMA_VERSION
 from common.rabbit import (
     REASON_HEADER,
     ROUTING_KEY,
@@ -32,6 +40,8 @@ from common.rabbit import (
 from common.settings import BrokerSettings, load_settings
 
 app = typer.Typer(add_completion=False, help=__doc__)
+# Added by dead-lettering (ours and the broker's); a replayed message goes without them.
+DEAD_LETTER_HEADERS = (REASON_HEADER, ORIGINAL_QUEUE_HEADER, BATCH_ID_HEADER, "x-death")
 
 
 Handle = Callable[[DeclaredTopology, list[AbstractIncomingMessage]], Awaitable[None]]
@@ -65,9 +75,29 @@ def _describe(message: AbstractIncomingMessage) -> dict[str, object]:
     return {
         "message_id": message.message_id,
         "reason": str(reason),
-        "queue": str(headers.get("x-original-queue", "")),
+        "queue": str(headers.get(ORIGINAL_QUEUE_HEADER, "")),
+        "from_batch": str(headers.get(BATCH_ID_HEADER, "")),
+        "holds": _holds(message.body),
         "body": message.body[:200].decode(errors="replace"),
     }
+
+
+def _holds(body: bytes) -> str:
+    """What a dead letter carries, in a few words: one reading, or a batch and its size."""
+    try:
+        data = json.loads(body)  # json, not orjson: it reads the NaN a reason may be about
+    except (ValueError, RecursionError):
+        return "not JSON"
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    version = data.get("schema_version")
+    if version == BATCH_SCHEMA_VERSION:
+        readings = data.get("readings")
+        size = len(readings) if isinstance(readings, list) else "no list of"
+        return f"batch {data.get('batch_id')!r} of {size} readings"
+    if version == SCHEMA_VERSION:
+        return f"reading {data.get('reading_id')!r}"
+    return f"schema_version {version!r}"
 
 
 @app.command("list")
@@ -87,7 +117,11 @@ def list_(
         if as_json:
             typer.echo(json.dumps(described))
         else:
-            typer.echo(f"{described['message_id']}  {described['reason']}\n    {described['body']}")
+            origin = f" (from batch {described['from_batch']})" if described["from_batch"] else ""
+            typer.echo(
+                f"{described['message_id']}  {described['reason']}\n"
+                f"    {described['holds']}{origin}: {described['body']}"
+            )
     typer.echo(f"{len(messages)} dead-lettered message(s)", err=True)
 
 
@@ -109,9 +143,7 @@ def replay(
         for message in messages:
             if replay_all or message.message_id in wanted:
                 headers = {
-                    k: v
-                    for k, v in (message.headers or {}).items()
-                    if k not in (REASON_HEADER, "x-original-queue", "x-death")
+                    k: v for k, v in (message.headers or {}).items() if k not in DEAD_LETTER_HEADERS
                 }
                 await declared.exchange.publish(
                     persistent_copy(message, headers), routing_key=ROUTING_KEY
