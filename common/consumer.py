@@ -175,6 +175,11 @@ class _Delivery:
         """Readings it carries, valid or not; a message that cannot be read counts as one."""
         return 1 if self.unreadable is not None else len(self.readings) + len(self.invalid)
 
+    @property
+    def weight(self) -> int:
+        """What it counts for in a batch's size: an empty batch message still costs an ack."""
+        return max(1, self.count)
+
 
 class ReadingConsumer:
     """Consumes one queue with manual acks and a prefetch window, a batch at a time.
@@ -323,11 +328,10 @@ class ReadingConsumer:
             while self._received:
                 head = self._received[0]
                 head.decode(self._limits)
-                size = max(1, head.count)  # an empty batch message still costs an ack
-                if batch and readings + size > self._batch_size:
+                if batch and readings + head.weight > self._batch_size:
                     return batch  # full: the head begins the next batch
                 batch.append(self._received.popleft())
-                readings += size
+                readings += head.weight
             remaining_s = linger_until - time.monotonic()
             # With the prefetch window full the broker sends nothing more until we settle:
             # lingering could not make the batch any fuller (small messages, big batches).
@@ -342,7 +346,7 @@ class ReadingConsumer:
                 return batch
 
     async def _handle(self, batch: list[_Delivery]) -> None:
-        self._batch_sizes.observe(sum(max(1, delivery.count) for delivery in batch))
+        self._batch_sizes.observe(sum(delivery.weight for delivery in batch))
         settled_first: list[tuple[_Delivery, Outcome]] = []
         good: list[_Delivery] = []
         for delivery in batch:
