@@ -51,8 +51,6 @@ def test_the_readme_has_the_examples() -> None:
 
 # What the README shows in place of a generated token's parts.
 TOKEN_PLACEHOLDERS = {"<key id>": "[0-9a-f]{16}", "<secret>": "[A-Za-z0-9_-]{43}"}
-# The device token the README's RegisterDevice example printed; later examples send it.
-issued: dict[str, str] = {}
 
 
 def expected_pattern(expected: str) -> re.Pattern[str]:
@@ -84,11 +82,26 @@ async def billed(stack: Stack, count: int) -> bool:
     return await stack.metric("BILLING", "billing_readings_total", {"result": "billed"}) >= count
 
 
-@pytest.mark.parametrize(("command", "expected"), EXAMPLES, ids=lambda v: v.split("\n")[0][-40:])
-async def test_a_readme_example_prints_what_the_readme_says(
-    seeded: Stack, command: str, expected: str, tmp_path_factory: pytest.TempPathFactory
+async def test_the_readme_examples_print_what_the_readme_says_in_order(
+    seeded: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    stack = seeded
+    """One test, not one per example: the README is a walk-through (a device registered by
+    one example sends with its token in the next), so its order is part of it, whatever
+    order the suite runs in."""
+    issued: dict[str, str] = {}
+    for number, (command, expected) in enumerate(EXAMPLES, start=1):
+        text, returncode = await run_example(seeded, command, issued, tmp_path_factory)
+        where = f"README example {number} ({command.splitlines()[0][:60]})"
+        assert expected_pattern(expected).fullmatch(text), f"{where}:\n{text}\n!=\n{expected}"
+        assert returncode == grpcurl_exit_code(expected), where
+        if "RegisterDevice" in command:
+            issued["token"] = json.loads(text)["token"]
+
+
+async def run_example(
+    stack: Stack, command: str, issued: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, int | None]:
+    """Run one README command against the stack as a shell would; its output and exit code."""
     if any(read in command for read in READS):
         # The read examples follow three accepted readings; let billing catch up first.
         await wait_until(lambda: billed(stack, 3), what="the README's readings billed")
@@ -110,11 +123,7 @@ async def test_a_readme_example_prints_what_the_readme_says(
         env={**os.environ, "TOKEN": issued.get("token", "")},
     )
     output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
-    text = output.decode().strip()
-    assert expected_pattern(expected).fullmatch(text), f"{text}\n!=\n{expected}"
-    assert process.returncode == grpcurl_exit_code(expected)
-    if "RegisterDevice" in command:
-        issued["token"] = json.loads(text)["token"]
+    return output.decode().strip(), process.returncode
 
 
 def test_the_readme_documents_every_setting() -> None:
