@@ -169,7 +169,7 @@ async def test_a_poison_message_goes_to_the_dead_letter_queue_with_its_reason(
         await wait_until(two_dead_letters, what="two dead letters")
     reasons = sorted(str(m.headers[REASON_HEADER]) for m in dead)
     assert reasons[0].startswith("body is not JSON")
-    assert reasons[1] == "unsupported schema_version 9; expected 1"
+    assert reasons[1].startswith("unsupported schema_version 9; expected")  # and which
     assert {m.headers["x-original-queue"] for m in dead} == {topology.billing_queue}
     assert {m.body for m in dead} == {b"{not json", b'{"schema_version": 9}'}
 
