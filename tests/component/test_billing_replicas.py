@@ -33,20 +33,14 @@ import pymongo
 import pytest
 
 from billing_service.adapters.mongo import MongoCatalog
-from common.energy.v1 import gateway_pb2_grpc
+from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
 from common.messages import encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY
 from tests.conftest import ADMIN_TOKEN, MONGODB_URL, RABBITMQ_URL, ready_count, wait_until
 from tests.e2e.conftest import TEST_SETTINGS, Stack
-from tests.faults.load import (
-    _request,
-    fault_catalog,
-    load_devices,
-    reconciled,
-    steady_load,
-)
+from tests.faults.load import fault_catalog, load_devices, reconciled, steady_load
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -198,6 +192,14 @@ def store_applies_single_document_updates_atomically(database: str) -> tuple[boo
             collection.drop()
     atomic = counted == ATOMIC_WRITERS and sum(matched) == 1
     return atomic, f"{ATOMIC_WRITERS} concurrent $inc left {counted}; {sum(matched)} of 20 matched"
+
+
+def _request(reading: Reading) -> gateway_pb2.SendReadingRequest:
+    message = reading_pb2.Reading(
+        device_id=reading.device_id, usage_kwh=reading.usage_kwh, reading_id=reading.reading_id
+    )
+    message.timestamp.FromDatetime(reading.timestamp)
+    return gateway_pb2.SendReadingRequest(reading=message)
 
 
 async def _storm(stack: Stack, readings: list[Reading]) -> int:
