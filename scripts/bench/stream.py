@@ -26,8 +26,11 @@ import grpc
 
 from common.energy.v1 import gateway_pb2, reading_pb2
 from common.gateway_client import gateway_channel
+from scripts.client_options import resend_delay_s, should_resend
 
 SEND_READINGS = "/energy.v1.Gateway/SendReadings"
+# A refused stream's first wait when the server gives no retry hint; doubled up to 1 s.
+RESEND_BACKOFF_S = 0.05
 # Straight to the gateway, never through a proxy named by http_proxy.
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
@@ -77,7 +80,7 @@ def _cpu_s() -> float:
 async def _send(
     plan: StreamPlan, batches: list[list[bytes]], started: Callable[[], None]
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"accepted": 0, "rejected": 0, "sent": 0, "errors": {}}
+    result: dict[str, Any] = {"accepted": 0, "rejected": 0, "sent": 0, "resent": 0, "errors": {}}
     first_error: dict[str, str] = {}
     async with gateway_channel(plan.target, plan.token, CHANNEL_OPTIONS) as channel:
         # Requests are serialised already: no serializer, the bytes go out as they are.
@@ -94,15 +97,28 @@ async def _send(
                 if time.monotonic() - began > plan.max_s:
                     return
                 result["sent"] += len(batch)
+                reply = await send_resending(batch)
+                if reply is not None:
+                    result["accepted"] += reply.accepted
+                    result["rejected"] += reply.rejected_count
+
+        async def send_resending(batch: list[bytes]) -> gateway_pb2.SendReadingsResponse | None:
+            """As a logger does: a stream refused under backpressure is resent after the
+            server's retry hint (else a short backoff) while the run lasts."""
+            backoff_s = RESEND_BACKOFF_S
+            while True:
                 try:
-                    reply = await call(iter(batch), timeout=plan.timeout_s)
+                    return await call(iter(batch), timeout=plan.timeout_s)
                 except grpc.aio.AioRpcError as error:
+                    if should_resend(error) and time.monotonic() - began < plan.max_s:
+                        result["resent"] += 1
+                        await asyncio.sleep(resend_delay_s(error, backoff_s))
+                        backoff_s = min(2 * backoff_s, 1.0)
+                        continue
                     code = error.code().name
                     result["errors"][code] = result["errors"].get(code, 0) + len(batch)
                     first_error.setdefault(code, error.details() or "")
-                    continue
-                result["accepted"] += reply.accepted
-                result["rejected"] += reply.rejected_count
+                    return None
 
         await asyncio.gather(*(stream() for _ in range(plan.streams)))
         result["ended"] = time.monotonic()
@@ -191,6 +207,7 @@ def run_streams(plan: StreamPlan) -> dict[str, Any]:
         **{k: v for k, v in asdict(plan).items() if k not in ("target", "token")},
         "tool": f"grpc.aio {plan.clients} procs x {plan.streams}",
         "sent": sum(a["sent"] for a in answers),
+        "resent_streams": sum(a["resent"] for a in answers),
         "accepted": accepted,
         "rejected": sum(a["rejected"] for a in answers),
         "errors": errors,

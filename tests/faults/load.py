@@ -15,6 +15,7 @@ import grpc
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
 from common.models import Reading, validate_reading
+from scripts.client_options import should_resend
 from scripts.reconcile import reconcile, reconcile_bills, render
 from scripts.simulate import FleetConfig, FleetSummary, run_fleet
 from tests.conftest import ADMIN_TOKEN, wait_until
@@ -25,12 +26,6 @@ from tests.e2e.conftest import Stack
 RECONCILE_WAIT_S = 300
 # Loggers resend what was refused for this long, as a buffering logger does.
 RESEND_FOR_S = 300
-RESENT = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INTERNAL,  # grpcio's code for a stream cut while the client wrote
-)
 # Which account and tariff bills each fault-test device (by the number in its id): flat,
 # time-of-use and tiered accounts; the rest are unregistered, billed under the default.
 ACCOUNTS = (("acct-flat", "flat-eur"), ("acct-tou", "tou-gbp"), ("acct-tiered", "tiered-usd"))
@@ -174,7 +169,7 @@ async def resend_stream(stack: Stack, readings: list[Reading], ledger: Path) -> 
             accepted = await send_stream(stack, readings)
             break
         except grpc.aio.AioRpcError as error:
-            if error.code() not in RESENT or time.monotonic() > deadline:
+            if not should_resend(error) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(1.0)
     assert accepted == len(readings), (accepted, len(readings))

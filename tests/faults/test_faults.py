@@ -25,10 +25,10 @@ from common.messages import encode_reading
 from common.models import validate_reading
 from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology
 from scripts import dlq
+from scripts.client_options import should_resend
 from tests.component.test_queries import start_redis
 from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
 from tests.faults.load import (
-    RESENT,
     STREAM_CHUNK,
     accepted_before_failure,
     billing_redelivered,
@@ -162,7 +162,7 @@ async def test_rabbitmq_node_killed_and_restarted_under_load(
         stub = gateway_pb2_grpc.GatewayStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.SendReading(_request("probe-down"), timeout=10)
-        assert caught.value.code() in RESENT
+        assert should_resend(caught.value), caught.value
     await asyncio.sleep(2)
     await rabbit_node.start()
     restarted = time.monotonic()
@@ -456,14 +456,10 @@ async def test_rolling_sigterm_of_every_service_under_load(
 
 
 def assert_stream_cut(error: grpc.aio.AioRpcError) -> None:
-    """A stream cut by a fault fails with a code a logger resends on. grpcio reports a
-    write the client still had in flight when the call ended as INTERNAL "Failed
-    execute_batch" (the server's status is lost); SendReadings is idempotent, so loggers
-    resend that too."""
-    cut_while_writing = error.code() == grpc.StatusCode.INTERNAL and "execute_batch" in str(
-        error.debug_error_string()
-    )
-    assert error.code() in RESENT or cut_while_writing, error
+    """A stream cut by a fault fails with a code a logger resends on (should_resend: the
+    codes of backpressure and outages, and the INTERNAL grpcio reports for a write the
+    client still had in flight when the call ended)."""
+    assert should_resend(error), error
 
 
 def _request(device: str) -> gateway_pb2.SendReadingRequest:
