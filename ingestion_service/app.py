@@ -32,6 +32,8 @@ class IngestionApp:
             Topology(settings.topology_prefix),
             settings.confirm_timeout_s,
             settings.max_in_flight_readings,
+            settings.message_schema,
+            settings.max_message_readings,
         )
         self.grpc = GrpcServer([SERVICE_NAME])
         ingestion_pb2_grpc.add_IngestionServicer_to_server(

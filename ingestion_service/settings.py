@@ -1,8 +1,9 @@
 """Settings of ingestion_service, from INGESTION_* and the shared variables."""
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from common.messages import SCHEMA_VERSIONS
 from common.settings import BrokerSettings, Port
 from common.tls import ServerTlsSettings
 
@@ -33,3 +34,22 @@ class IngestionSettings(BrokerSettings, ServerTlsSettings):
         description="readings waiting for confirms at most; beyond, RESOURCE_EXHAUSTED at once",
     )
     shutdown_grace_s: float = Field(10.0, ge=0)
+    # 2: a publish's readings in one message (a batch); 1: one message per reading, as before
+    # schema 2 existed, for consumers that are not upgraded yet (a rolling upgrade).
+    message_schema: int = Field(2, description="broker message schema version published")
+    # A publish of more readings is split into several messages, all confirmed before OK:
+    # the consumers were sized for messages of 1 to 500 readings (billing's prefetch of 200
+    # messages holds at most 100,000 readings), about 75 kB of JSON each.
+    max_message_readings: int = Field(
+        500, ge=1, le=10_000, description="readings per schema-2 message at most"
+    )
+
+    @field_validator("message_schema")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value not in SCHEMA_VERSIONS:
+            raise ValueError(
+                "use 2 (many readings per message, the default) or 1 (one message per "
+                "reading, for consumers that do not read version 2 yet)"
+            )
+        return value

@@ -25,7 +25,7 @@ import pytest
 from common.energy.v1 import gateway_pb2_grpc
 from common.gateway_client import gateway_channel
 from common.rabbit import Topology
-from tests.component.test_ingestion import drain, request, start_pipeline
+from tests.component.test_ingestion import drain_reading_ids, request, start_pipeline
 from tests.conftest import (
     ADMIN_TOKEN,
     RABBITMQ_MANAGEMENT_URL,
@@ -83,7 +83,7 @@ async def test_a_full_queue_is_resource_exhausted_and_only_ok_readings_are_queue
                 refused.append(minute)
         # A quorum queue starts refusing once it is over its limit, so one more gets in.
         assert len(accepted) in (5, 6) and refused == list(range(len(accepted), 12))
-        queued = [m.message_id for m in await drain(Topology(prefix).billing_queue)]
+        queued = await drain_reading_ids(Topology(prefix).billing_queue)
         assert sorted(queued) == sorted(accepted)
     finally:
         await channel.close()
@@ -192,7 +192,7 @@ async def test_a_broker_alarm_is_unavailable_at_once_and_publishing_resumes_afte
             return len(accepted) > 1
 
         await wait_until(resumed, timeout_s=30, what="publishing to resume")
-        queued = {m.message_id for m in await drain(Topology(prefix).billing_queue, own_node.url)}
+        queued = set(await drain_reading_ids(Topology(prefix).billing_queue, own_node.url))
         # Every OK reading is queued; a refused one may be too (written before the block
         # was announced), which is why the caller resends and billing deduplicates.
         assert set(accepted) <= queued

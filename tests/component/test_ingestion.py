@@ -1,4 +1,5 @@
-"""Gateway and ingestion against the real RabbitMQ: confirmed means in the quorum queue."""
+"""Gateway and ingestion against the real RabbitMQ: confirmed means in the quorum queue,
+as messages of schema version 2 (a publish's readings in one message) or, by setting, 1."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from common.energy.v1 import (
 )
 from common.errors import Reason, error_info, reason_of, retry_delay_s
 from common.gateway_client import gateway_channel
-from common.models import derive_reading_id, validate_reading
+from common.messages import decode
+from common.models import Reading, derive_reading_id, validate_reading
 from common.rabbit import Topology
 from ingestion_service.app import IngestionApp
 from ingestion_service.settings import IngestionSettings
@@ -36,7 +38,6 @@ from tests.conftest import (
     delete_topology,
     free_port,
     queue_info,
-    ready_count,
     wait_until,
 )
 from tests.tcp_proxy import TcpProxy
@@ -55,6 +56,8 @@ async def start_pipeline(
     rabbitmq_url: str = RABBITMQ_URL,
     ingestion_addr=None,
     max_in_flight_readings: int = 2000,
+    batch_size: int = 7,
+    **ingestion_settings: object,
 ):
     ingestion = IngestionApp(
         IngestionSettings(
@@ -63,13 +66,14 @@ async def start_pipeline(
             rabbitmq_url=rabbitmq_url,
             confirm_timeout_s=3,
             max_in_flight_readings=max_in_flight_readings,
+            **ingestion_settings,  # type: ignore[arg-type]
         )
     )
     await ingestion.start()
     gateway = GatewayApp(
         GatewaySettings(
             port=0,
-            batch_size=7,
+            batch_size=batch_size,
             ingestion_addr=ingestion_addr or f"127.0.0.1:{ingestion.port}",
             ingestion_timeout_s=3,
             admin_token=ADMIN_TOKEN,
@@ -106,6 +110,20 @@ async def drain(
         return messages
 
 
+def readings_of(message: aio_pika.abc.AbstractIncomingMessage) -> list[Reading]:
+    """The readings a message holds, decoded (and re-validated) as the consumers do."""
+    decoded = decode(message.body, now=datetime.now(UTC))
+    assert decoded.invalid == [], decoded.invalid
+    return decoded.readings
+
+
+async def drain_reading_ids(queue_name: str, rabbitmq_url: str = RABBITMQ_URL) -> list[str]:
+    """The reading ids of every message in the queue, in queue order; the queue is empty
+    afterwards."""
+    messages = await drain(queue_name, rabbitmq_url)
+    return [reading.reading_id for message in messages for reading in readings_of(message)]
+
+
 async def test_a_confirmed_reading_is_in_both_quorum_queues(stub, prefix: str) -> None:
     response = await stub.SendReading(request(kwh=2.25), timeout=10)
     topology = Topology(prefix)
@@ -117,10 +135,12 @@ async def test_a_confirmed_reading_is_in_both_quorum_queues(stub, prefix: str) -
     [message] = await drain(topology.billing_queue)
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert message.content_type == "application/json"
-    assert message.message_id == response.reading_id
     body = json.loads(message.body)
-    assert body["usage_kwh"] == 2.25 and body["schema_version"] == 1
-    assert body["timestamp"] == T.isoformat(timespec="microseconds")
+    assert body["schema_version"] == 2 and message.message_id == body["batch_id"]
+    assert len(body["batch_id"]) == 32  # a uuid4, hex: a new id for every message
+    [element] = body["readings"]
+    assert element["reading_id"] == response.reading_id and element["usage_kwh"] == 2.25
+    assert element["timestamp"] == T.isoformat(timespec="microseconds")
 
 
 async def test_an_invalid_reading_is_refused_and_nothing_is_published(stub, prefix: str) -> None:
@@ -147,7 +167,49 @@ async def test_a_stream_publishes_the_valid_readings_and_lists_the_rest(stub, pr
     assert response.accepted == 18 and response.rejected_count == 2
     assert [(r.index, r.device_id) for r in response.rejected] == [(3, "bad id"), (11, "meter-1")]
     assert "negative" in response.rejected[1].reason
-    assert len(await drain(Topology(prefix).billing_queue)) == 18
+    messages = await drain(Topology(prefix).billing_queue)
+    # Forwarded in chunks of GATEWAY_BATCH_SIZE (7 here), each chunk one message.
+    assert [len(readings_of(m)) for m in messages] == [7, 7, 4]
+    assert len({m.message_id for m in messages}) == 3
+
+
+async def test_a_large_publish_is_split_into_messages_of_at_most_the_cap(prefix: str) -> None:
+    ingestion, gateway = await start_pipeline(prefix, max_message_readings=500)
+    await ingestion.publisher._connecting
+    messages_before = REGISTRY.get_sample_value("ingestion_published_messages_total") or 0
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ingestion.port}") as channel:
+            stub = ingestion_pb2_grpc.IngestionStub(channel)
+            assert (await stub.Publish(publish_request(0, 1200), timeout=30)).published == 1200
+        messages = await drain(Topology(prefix).billing_queue)
+        assert [len(readings_of(m)) for m in messages] == [500, 500, 200]
+        assert (
+            REGISTRY.get_sample_value("ingestion_published_messages_total") == messages_before + 3
+        )
+    finally:
+        await gateway.stop()
+        await ingestion.stop()
+        await delete_topology(prefix)
+
+
+async def test_schema_1_publishes_one_message_per_reading(prefix: str) -> None:
+    """INGESTION_MESSAGE_SCHEMA=1, for consumers not upgraded yet: as before schema 2."""
+    ingestion, gateway = await start_pipeline(prefix, message_schema=1)
+    await ingestion.publisher._connecting
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ingestion.port}") as channel:
+            stub = ingestion_pb2_grpc.IngestionStub(channel)
+            sent = publish_request(0, 5)
+            assert (await stub.Publish(sent, timeout=30)).published == 5
+        messages = await drain(Topology(prefix).billing_queue)
+        sent_ids = [r.reading_id for r in sent.readings]
+        assert [m.message_id for m in messages] == sent_ids
+        assert {json.loads(m.body)["schema_version"] for m in messages} == {1}
+        assert [r.reading_id for m in messages for r in readings_of(m)] == sent_ids
+    finally:
+        await gateway.stop()
+        await ingestion.stop()
+        await delete_topology(prefix)
 
 
 async def test_broker_unreachable_means_unavailable_and_nothing_accepted(prefix: str) -> None:
@@ -274,7 +336,9 @@ async def test_readings_waiting_for_confirms_are_bounded_and_refused_at_once_bey
     assert busy_refusals() == refusals_before + 2
     # Larger than the bound, but alone: admitted rather than never possible.
     assert (await stub.Publish(publish_request(15, 25), timeout=60)).published == 25
-    assert await ready_count(Topology(prefix).billing_queue) == 35
+    # One message per publish (all smaller than a message may hold): 6, 4 and 25 readings.
+    messages = await drain(Topology(prefix).billing_queue)
+    assert sorted(len(readings_of(m)) for m in messages) == [4, 6, 25]
 
 
 async def test_a_timed_out_or_nacked_publish_leaves_nothing_in_flight(
