@@ -84,9 +84,9 @@ def decode(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMITS) -> De
     """
     data = _json_object(body)
     version = data.get("schema_version")
-    if version == SCHEMA_VERSION:
+    if _is(version, SCHEMA_VERSION):
         return Decoded([_reading(data, now, limits)])
-    if version != BATCH_SCHEMA_VERSION:
+    if not _is(version, BATCH_SCHEMA_VERSION):
         raise PoisonMessage(
             f"unsupported schema_version {version!r}; expected one of {list(SCHEMA_VERSIONS)}"
         )
@@ -101,7 +101,7 @@ def decode(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMITS) -> De
             decoded.readings.append(_reading(element, now, limits))
         except PoisonMessage as error:
             alone = (
-                {"schema_version": SCHEMA_VERSION, **element}
+                {**element, "schema_version": SCHEMA_VERSION}
                 if isinstance(element, dict)
                 else element
             )
@@ -117,7 +117,7 @@ def decode_reading(body: bytes, *, now: datetime, limits: Limits = DEFAULT_LIMIT
     """Parse and re-validate a version-1 body; raise PoisonMessage with the reason if bad."""
     data = _json_object(body)
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if not _is(version, SCHEMA_VERSION):
         raise PoisonMessage(f"unsupported schema_version {version!r}; expected {SCHEMA_VERSION}")
     return _reading(data, now, limits)
 
@@ -132,9 +132,17 @@ def _json_object(body: bytes) -> dict[str, Any]:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise PoisonMessage(f"body is not JSON: {error}") from None
+        except RecursionError:
+            raise PoisonMessage("body is not JSON this service reads: nested too deeply") from None
     if not isinstance(data, dict):
         raise PoisonMessage("body is not a JSON object")
     return data
+
+
+def _is(version: object, expected: int) -> bool:
+    """Whether a written schema version is ``expected``; true or 1.0 are not 1 (Python would
+    say they are)."""
+    return type(version) is int and version == expected
 
 
 def _reading(data: dict[str, Any], now: datetime, limits: Limits) -> Reading:

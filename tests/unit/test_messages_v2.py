@@ -171,14 +171,21 @@ def test_a_whole_message_that_cannot_be_read_is_poison(raw: bytes, reason: str) 
     assert reason in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="json.loads raises RecursionError on nesting beyond its limit (the consumer "
-    "dead-letters the message as undecodable, see test_undecodable_is_dead_lettered)",
-)
 def test_deep_nesting_is_poison() -> None:
-    with pytest.raises(PoisonMessage):
+    with pytest.raises(PoisonMessage, match="nested too deeply"):
         decode(b"[" * 100_000, now=NOW)
+
+
+@pytest.mark.parametrize("version", [b"true", b"1.0", b"2.0", b'"1"'])
+def test_a_version_is_a_whole_number_not_something_python_calls_equal(version: bytes) -> None:
+    with pytest.raises(PoisonMessage, match="unsupported schema_version"):
+        decode(b'{"schema_version": ' + version + b', "readings": []}', now=NOW)
+
+
+def test_an_invalid_element_is_dead_lettered_as_version_1_whatever_it_claims() -> None:
+    body = b'{"schema_version": 2, "batch_id": "b", "readings": [{"schema_version": 7}]}'
+    (invalid,) = decode(body, now=NOW).invalid
+    assert json.loads(invalid.body)["schema_version"] == 1
 
 
 # --- the consumer: batches gathered by readings -------------------------------------------
@@ -252,9 +259,14 @@ async def test_a_full_prefetch_window_ends_the_linger() -> None:
     assert batch is not None and len(batch) == 3
 
 
-def test_undecodable_is_dead_lettered() -> None:
+def test_undecodable_is_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None:
     """A decoder failure other than PoisonMessage is the body's forever: no requeue loop."""
-    delivery = _Delivery(message(b"[" * 100_000), 0.0)  # type: ignore[arg-type]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the decoder")
+
+    monkeypatch.setattr("common.consumer.decode", broken)
+    delivery = _Delivery(message(b"{}"), 0.0)  # type: ignore[arg-type]
     delivery.decode(DEFAULT_LIMITS)
     assert delivery.unreadable is not None and "could not be decoded" in delivery.unreadable
     assert delivery.count == 1
