@@ -1,5 +1,8 @@
 """energy.v1.Gateway: validation, batching, and upstream errors → gRPC status.
 
+A stream's readings are forwarded in chunks of ``batch_size``; single ``SendReading`` calls
+are gathered into batches by ``api_gateway.batcher`` after each call's own checks.
+
 Who calls is settled before a handler runs (``api_gateway.identity``); the read RPCs are
 rows of ``api_gateway.reads.READS``.
 """
@@ -7,7 +10,7 @@ rows of ``api_gateway.reads.READS``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 
 import grpc
@@ -22,6 +25,7 @@ from api_gateway.adapters.credentials import (
 )
 from api_gateway.adapters.ingestion import IngestionClient
 from api_gateway.auth import Principal
+from api_gateway.batcher import BatcherClosed, UnaryBatcher
 from api_gateway.guard import Guard
 from api_gateway.identity import caller
 from api_gateway.reads import READS, ReadForwarder
@@ -51,6 +55,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
         ingestion: IngestionClient,
+        unary: UnaryBatcher,
         billing: BillingClient,
         guard: Guard,
         limits: Limits,
@@ -59,6 +64,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         max_stream_readings: int,
     ) -> None:
         self._ingestion = ingestion
+        self._unary = unary
         self._guard = guard
         self._limits = limits
         self._batch_size = batch_size
@@ -76,9 +82,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             reading = self._validate(request)
         except InvalidReading as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # Who may send and how fast is decided per call, before the reading joins a batch.
         await self._guard.require_device(principal, reading.device_id, context)
         await self._guard.admit(principal, [reading], context)
-        await self._forward([reading], context, accepted_before=None)
+        try:
+            await self._forward(self._unary.send(reading), [reading], context, None)
+        except BatcherClosed as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return gateway_pb2.SendReadingResponse(reading_id=reading.reading_id)
 
     async def SendReadings(
@@ -129,7 +139,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         response: gateway_pb2.SendReadingsResponse,
     ) -> None:
         await self._guard.admit(principal, batch, context, _accepted_note(response.accepted))
-        await self._forward(batch, context, accepted_before=response.accepted)
+        await self._forward(
+            self._ingestion.publish(batch), batch, context, accepted_before=response.accepted
+        )
         response.accepted += len(batch)
 
     def _validate(self, request: gateway_pb2.SendReadingRequest) -> Reading:
@@ -143,12 +155,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _forward(
         self,
+        publish: Awaitable[None],
         readings: list[Reading],
         context: grpc.aio.ServicerContext,
         accepted_before: int | None,
     ) -> None:
+        """Await ``publish`` of ``readings``; an upstream failure becomes this call's answer."""
         try:
-            await self._ingestion.publish(readings)
+            await publish
         except grpc.aio.AioRpcError as error:
             reason = reason_of(error)
             READINGS_NOT_FORWARDED.labels(reason.value if reason else "UNKNOWN").inc(len(readings))

@@ -11,6 +11,7 @@ from api_gateway.adapters.credentials import MongoCredentialStore
 from api_gateway.adapters.ingestion import IngestionClient
 from api_gateway.api import DeviceAdminServicer, GatewayServicer
 from api_gateway.auth import Authenticator
+from api_gateway.batcher import UnaryBatcher
 from api_gateway.guard import Guard
 from api_gateway.identity import ADMIN_TOKEN, ANY_TOKEN, AuthInterceptor
 from api_gateway.ratelimit import RedisRateLimiter
@@ -32,6 +33,11 @@ class GatewayApp:
         self.settings = settings
         self.ingestion = IngestionClient(
             settings.ingestion_addr, settings.ingestion_timeout_s, tls=settings
+        )
+        # SendReading calls share publishes of up to GATEWAY_BATCH_SIZE readings, like a
+        # stream's chunks: the same unit ingestion and the broker see.
+        self.unary = UnaryBatcher(
+            self.ingestion.publish, settings.batch_size, settings.unary_batches_in_flight
         )
         self.billing = BillingClient(
             settings.billing_addr, settings.billing_timeout_s, tls=settings
@@ -73,6 +79,7 @@ class GatewayApp:
         )
         servicer = GatewayServicer(
             self.ingestion,
+            self.unary,
             self.billing,
             guard,
             settings.limits,
@@ -98,7 +105,8 @@ class GatewayApp:
         log.info("gateway listening", extra={"port": self.port})
 
     async def stop(self) -> None:
-        await self.grpc.stop(self.settings.shutdown_grace_s)
+        await self.grpc.stop(self.settings.shutdown_grace_s)  # batches go on meanwhile
+        await self.unary.close()
         await self.ingestion.close()
         await self.billing.close()
         await self.redis.aclose()

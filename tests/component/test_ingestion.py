@@ -57,6 +57,7 @@ async def start_pipeline(
     ingestion_addr=None,
     max_in_flight_readings: int = 2000,
     batch_size: int = 7,
+    gateway_settings: dict[str, object] | None = None,
     **ingestion_settings: object,
 ):
     ingestion = IngestionApp(
@@ -79,6 +80,7 @@ async def start_pipeline(
             admin_token=ADMIN_TOKEN,
             mongodb_database=prefix.strip("-"),
             redis_key_prefix=prefix,
+            **(gateway_settings or {}),  # type: ignore[arg-type]
         )
     )
     await gateway.start()
