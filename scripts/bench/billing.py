@@ -42,7 +42,7 @@ from billing_service.adapters.mongo import MongoLedger
 from billing_service.adapters.mongo_batch import ENERGY_MAP
 from billing_service.domain.ledger import SLOT, SlotKey, slot_start
 from billing_service.settings import BillingSettings
-from common.messages import CONTENT_TYPE, encode_reading
+from common.messages import CONTENT_TYPE, encode_batch, encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY, Topology, declare_topology
 from common.settings import load_settings
@@ -77,13 +77,31 @@ def main(
     ] = "cpu",
     timeout_s: Annotated[float, typer.Option(help="give up on the drain after this long")] = 900,
     old_slots: Annotated[int, typer.Option(help="older slot documents stored first")] = 0,
+    message_readings: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="readings per broker message: 1 publishes version-1 messages, more "
+            "version-2 batches as ingestion does (its INGESTION_MAX_MESSAGE_READINGS)",
+        ),
+    ] = 500,
 ) -> None:
     """Print the drain rate in readings/s."""
     if profile_mode not in PROFILE_MODES:
         raise typer.BadParameter(f"--profile-mode is one of {', '.join(PROFILE_MODES)}")
     settings = load_settings(BillingSettings)
     asyncio.run(
-        _bench(settings, readings, devices, interval_s, profile, profile_mode, timeout_s, old_slots)
+        _bench(
+            settings,
+            readings,
+            devices,
+            interval_s,
+            profile,
+            profile_mode,
+            timeout_s,
+            old_slots,
+            message_readings,
+        )  # fmt: skip
     )
 
 
@@ -96,6 +114,7 @@ async def _bench(
     profile_mode: str,
     timeout_s: float,
     old_slots: int,
+    message_readings: int,
 ) -> None:
     topology = Topology(TOPOLOGY_PREFIX)
     folder = tempfile.TemporaryDirectory(prefix="bench-billing-")
@@ -123,10 +142,10 @@ async def _bench(
             await _store_old_slots(settings, old_slots, devices)
         batch = _readings(count, devices, interval_s)
         started = time.perf_counter()
-        await _publish(settings.rabbitmq_url, topology, batch)
+        await _publish(settings.rabbitmq_url, topology, batch, message_readings)
         print(
-            f"published {count} readings of {devices} devices in "
-            f"{time.perf_counter() - started:.1f} s"
+            f"published {count} readings of {devices} devices, {message_readings} a message, "
+            f"in {time.perf_counter() - started:.1f} s"
         )
         rate = await _drain(billing, count, profile, profile_mode, timeout_s)
         print(
@@ -194,24 +213,32 @@ def _readings(count: int, devices: int, interval_s: float) -> list[Reading]:
     ]
 
 
-async def _publish(url: str, topology: Topology, readings: list[Reading]) -> None:
+async def _publish(url: str, topology: Topology, readings: list[Reading], per_message: int) -> None:
+    """Publish the readings, ``per_message`` a message (1: version 1, else version 2)."""
+    if per_message == 1:
+        bodies = [(encode_reading(r), r.reading_id) for r in readings]
+    else:
+        bodies = [
+            (encode_batch(readings[i : i + per_message], f"bench-{i}"), f"bench-{i}")
+            for i in range(0, len(readings), per_message)
+        ]
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = (await declare_topology(channel, topology)).exchange
-        for chunk in range(0, len(readings), 500):
+        for chunk in range(0, len(bodies), 500):
             await asyncio.gather(
                 *(
                     exchange.publish(
                         aio_pika.Message(
-                            encode_reading(reading),
+                            body,
                             content_type=CONTENT_TYPE,
-                            message_id=reading.reading_id,
+                            message_id=message_id,
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         ),
                         ROUTING_KEY,
                     )
-                    for reading in readings[chunk : chunk + 500]
+                    for body, message_id in bodies[chunk : chunk + 500]
                 )
             )
 
@@ -309,7 +336,7 @@ async def _drained(
         return False
     text = (await client.get(url)).text
     for outcome in ("acked", "dead_lettered"):
-        count -= int(metric_value(text, "consumer_messages_total", {"outcome": outcome}))
+        count -= int(metric_value(text, "consumer_readings_total", {"outcome": outcome}))
     return count <= 0
 
 
