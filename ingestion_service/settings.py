@@ -6,6 +6,7 @@ from pydantic_settings import SettingsConfigDict
 from common.messages import SCHEMA_VERSIONS
 from common.settings import BrokerSettings, Port
 from common.tls import ServerTlsSettings
+from ingestion_service.adapters.rabbit import DEFAULT_MAX_MESSAGE_READINGS
 
 
 class IngestionSettings(BrokerSettings, ServerTlsSettings):
@@ -37,11 +38,13 @@ class IngestionSettings(BrokerSettings, ServerTlsSettings):
     # 2: a publish's readings in one message (a batch); 1: one message per reading, as before
     # schema 2 existed, for consumers that are not upgraded yet (a rolling upgrade).
     message_schema: int = Field(2, description="broker message schema version published")
-    # A publish of more readings is split into several messages, all confirmed before OK:
-    # the consumers were sized for messages of 1 to 500 readings (billing's prefetch of 200
-    # messages holds at most 100,000 readings), about 75 kB of JSON each.
+    # A publish of more readings is split into several messages, all confirmed before OK
+    # (why 500: ingestion_service.adapters.rabbit).
     max_message_readings: int = Field(
-        500, ge=1, le=10_000, description="readings per schema-2 message at most"
+        DEFAULT_MAX_MESSAGE_READINGS,
+        ge=1,
+        le=10_000,
+        description="readings per schema-2 message at most",
     )
 
     @field_validator("message_schema")

@@ -100,8 +100,10 @@ BLOCKED_MESSAGE = (
 )
 # How often a wait for confirms checks whether the broker has blocked the connection.
 BLOCK_CHECK_INTERVAL_S = 0.1
-# Readings per schema-2 message at most: what the consumers were sized for (a message
-# holds 1 to 500 readings, about 75 kB of JSON; 165 kB with the longest ids allowed).
+# Readings per schema-2 message at most (INGESTION_MAX_MESSAGE_READINGS): what the consumers
+# were sized for (billing's prefetch of 200 messages then holds at most 100,000 readings),
+# about 73 kB of JSON, 181 kB with the longest ids allowed: far from a size that strains
+# the broker, large enough that the broker's cost per message is shared by 500 readings.
 DEFAULT_MAX_MESSAGE_READINGS = 500
 
 
