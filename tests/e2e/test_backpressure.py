@@ -201,9 +201,14 @@ async def test_calls_beyond_the_bound_are_refused_at_once_with_a_reason_and_a_de
     assert await slow_broker_stack.metric(
         "GATEWAY", "gateway_readings_not_forwarded_total", {"reason": "INGESTION_BUSY"}
     ) >= STREAM_READINGS * len(stream_refusals) + len(unary_refusals)
-    assert await slow_broker_stack.metric(
-        "INGESTION", "ingestion_publish_failures_total", {"reason": "busy"}
-    ) >= len(refusals)
+    # Ingestion counts refused calls: a stream's chunk is one, and so is a batch of single
+    # readings the gateway gathered (all of its calls refused together).
+    assert (
+        await slow_broker_stack.metric(
+            "INGESTION", "ingestion_publish_failures_total", {"reason": "busy"}
+        )
+        >= len(stream_refusals) + 1
+    )
 
 
 async def test_resending_loggers_get_everything_through_and_billed_once(
@@ -234,7 +239,9 @@ async def test_resending_loggers_get_everything_through_and_billed_once(
         )
 
     batched, single = await asyncio.gather(
-        run_fleet(fleet(batch=500, rate=2000, concurrency=16)),
+        # Four times what the slowed proxy confirms now that a batch is one message (about
+        # 2,000 readings/s, bytes being its limit): the batches must meet the bound.
+        run_fleet(fleet(batch=500, rate=8000, concurrency=16)),
         run_fleet(fleet(batch=0, rate=200, concurrency=64)),
     )
     summaries: tuple[FleetSummary, ...] = (batched, single)

@@ -118,11 +118,12 @@ async def test_every_reading_is_billed_once_and_counted_once(broker_stack: Stack
 
     async def all_processed() -> bool:
         stack.assert_running()
-        billing = await stack.metric("BILLING", "consumer_messages_total", {"outcome": "acked"})
-        analytics = await stack.metric("ANALYTICS", "consumer_messages_total", {"outcome": "acked"})
+        # Readings, not messages: ingestion puts many readings in one message (schema 2).
+        billing = await stack.metric("BILLING", "consumer_readings_total", {"outcome": "acked"})
+        analytics = await stack.metric("ANALYTICS", "consumer_readings_total", {"outcome": "acked"})
         return billing == analytics == delivered
 
-    await wait_until(all_processed, timeout_s=120, what=f"{delivered} messages acked")
+    await wait_until(all_processed, timeout_s=120, what=f"{delivered} readings acked")
 
     ledger, cache = stack.ledger(), stack.cache()
     queries = BillingQueries(ledger, cache, catalog=None, max_buckets=1000)  # type: ignore[arg-type]
