@@ -21,6 +21,7 @@ evaluated with the clock read before and after each call, so a timestamp that cr
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -39,7 +40,7 @@ from hypothesis import strategies as st
 from api_gateway.app import SERVICE_NAME
 from common.convert import reading_from_proto
 from common.energy.v1 import gateway_pb2, gateway_pb2_grpc, reading_pb2
-from common.messages import decode_reading
+from common.messages import BATCH_SCHEMA_VERSION, decode
 from common.models import (
     EARLIEST_TIMESTAMP,
     ID_PATTERN,
@@ -88,10 +89,16 @@ class Pipeline:
         readings = []
         now = datetime.now(UTC)
         while (message := await self.billing_queue.get(no_ack=True, fail=False)) is not None:
-            reading = decode_reading(message.body, now=now, limits=self.limits)
-            assert math.isfinite(reading.usage_kwh) and reading.usage_kwh >= 0, reading
-            assert message.message_id == reading.reading_id
-            readings.append(reading)
+            decoded = decode(message.body, now=now, limits=self.limits)
+            assert decoded.invalid == [], decoded.invalid  # the gateway let one through
+            body = json.loads(message.body)
+            if body["schema_version"] == BATCH_SCHEMA_VERSION:
+                assert message.message_id == body["batch_id"]
+            else:
+                assert [message.message_id] == [r.reading_id for r in decoded.readings]
+            for reading in decoded.readings:
+                assert math.isfinite(reading.usage_kwh) and reading.usage_kwh >= 0, reading
+            readings += decoded.readings
         return readings
 
     async def check_queued_exactly(self, accepted: Sequence[Reading]) -> None:
