@@ -333,7 +333,7 @@ async def test_a_duplicate_storm_is_billed_once(stacks, catalog: Path, tmp_path:
     delivered = len(entries) + 10 * (30 + len(requests)) + 10 * len(readings)
 
     async def all_processed() -> bool:
-        acked = await stack.metric("BILLING", "consumer_messages_total", {"outcome": "acked"})
+        acked = await stack.metric("BILLING", "consumer_readings_total", {"outcome": "acked"})
         return acked >= delivered
 
     await wait_until(all_processed, timeout_s=90, what=f"billing to process {delivered}")
