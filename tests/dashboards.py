@@ -38,6 +38,10 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         # ingestion_service
         "ingestion_published_total",
         "ingestion_publish_failures_total",
+        "ingestion_published_messages_total",
+        "gateway_unary_batch_readings_sum",
+        "gateway_unary_batch_readings_count",
+        "consumer_readings_total",
         "ingestion_confirm_seconds_bucket",
         "ingestion_publish_batch_size_bucket",
         # billing and analytics consumers
