@@ -66,9 +66,10 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 
 
 # A broker several times slower than this machine's: ingestion's connection goes through a
-# proxy that forwards at most 4 KiB per 12.5 ms each way (330 kB/s), about 1,000 readings/s,
-# where the broker confirmed 3,400-4,400/s to ingestion's publisher here and 2,000/s on the
-# slowest machine measured (test_backpressure.py prints the factor of each run).
+# proxy that forwards at most 4 KiB per 12.5 ms each way (330 kB/s): about 1,000 messages/s
+# of one reading (the broker confirmed 3,400-4,400/s to ingestion's publisher here and
+# 2,000/s on the slowest machine measured), about 2,000 readings/s in messages of many, where
+# the bytes are the limit (test_backpressure.py prints the factor of each run).
 SLOW_BROKER_WRITE_DELAY_S = 0.0125
 SLOW_BROKER_CHUNK_BYTES = 4096
 
