@@ -101,6 +101,19 @@ class RabbitNode:
         os.killpg(self.process.pid, signal.SIGKILL)
         await asyncio.wait_for(self.process.wait(), timeout=30)
 
+    async def restart(self) -> None:
+        """Stop the node cleanly (SIGTERM: it writes out its state) and start it on its data."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGTERM)
+        await asyncio.wait_for(self.process.wait(), timeout=60)
+        await self.start()
+
+    async def consumers(self, queue: str) -> int:
+        """How many consumers the queue has now (0 while its figures are not in yet)."""
+        figures = await self.queue(queue)
+        count = figures.get("consumers", 0)
+        return count if isinstance(count, int) else 0
+
     async def stop(self) -> None:
         """Stop the node for good (SIGTERM, then SIGKILL) and remove its data."""
         if self.process is not None and self.process.returncode is None:
