@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--peak-factor", type=float, default=Assumptions.peak_factor)
     args = parser.parse_args(argv)
+    if not args.bench.exists():
+        parser.error(f"{args.bench} is missing: run `make bench` first (it writes it)")
     measured = from_bench(json.loads(args.bench.read_text()), args.store_readings_per_s)
     assumptions = replace(chart_assumptions(), peak_factor=args.peak_factor)
     print(render(measured, assumptions))

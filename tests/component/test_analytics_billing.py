@@ -25,7 +25,6 @@ from common.models import Reading, validate_reading
 from tests.component.test_billing import cleanup, settings
 from tests.conftest import RABBITMQ_URL, delete_topology, free_port, wait_until
 
-NOW = datetime.now(UTC).replace(microsecond=0)
 TARIFFS = """
 default_tariff: flat
 tariffs:
@@ -50,7 +49,10 @@ def catalog(devices: int, accounts: int = 3) -> str:
 
 
 def reading(device: str, minutes_ago: float) -> Reading:
-    return validate_reading(device, NOW - timedelta(minutes=minutes_ago), 0.5, now=NOW)
+    """A reading ``minutes_ago`` before now: now at the call, not at import (in random order
+    a module may be imported many minutes before its tests run)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    return validate_reading(device, now - timedelta(minutes=minutes_ago), 0.5, now=now)
 
 
 async def start_billing(prefix: str, port: int = 0, **update: object) -> BillingApp:

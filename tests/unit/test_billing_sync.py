@@ -14,7 +14,6 @@ from analytics_service.billing_sync import CatalogView, FailureLog, restore_acti
 from analytics_service.domain.tally import Tally, Windows
 from common.retry import RetryPolicy
 
-NOW = datetime.now(UTC)
 LOADED_AT = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)
 
 
@@ -56,10 +55,11 @@ def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_activity_is_restored_once_billing_answers(caplog) -> None:
     caplog.set_level(logging.INFO, logger=billing_sync.__name__)
     before = failures("StreamLatestTimestamps", "UNAVAILABLE")
+    now = datetime.now(UTC)  # at run time: in random order the module may be imported long before
     billing = FakeBilling(
         unavailable("StreamLatestTimestamps"),
         unavailable("StreamLatestTimestamps"),
-        {"meter-1": NOW - timedelta(minutes=5), "meter-2": NOW - timedelta(hours=2)},
+        {"meter-1": now - timedelta(minutes=5), "meter-2": now - timedelta(hours=2)},
     )
     tally = Tally(Windows(), 1000)
     assert await restore_activity(billing, tally, give_up_after_s=60) == 2  # type: ignore[arg-type]
