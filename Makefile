@@ -110,7 +110,7 @@ bench-billing: proto services ## How fast billing drains a queue of 5,000 readin
 # In a random order (pytest-randomly prints the seed): PYTEST_ARGS=--randomly-seed=N repeats
 # one, PYTEST_ARGS="-p no:randomly" keeps the files' order.
 test: proto services bench-tools helm-tools ## Everything, in random order: unit, component (real servers), end to end, compose checks
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-unit: proto ## Only the tests that need no server
 	$(PY) -m pytest tests/unit
