@@ -6,6 +6,7 @@ import asyncio
 import csv
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,13 @@ class Stack(ProcessStack):
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     stack = Stack(prefix=f"e2e{uuid.uuid4().hex[:8]}-", log_dir=tmp_path_factory.mktemp("logs"))
+    async with running(stack):
+        yield stack
+
+
+@asynccontextmanager
+async def running(stack: Stack) -> AsyncIterator[Stack]:
+    """The stack started for a module's tests, still running after them, stopped and cleaned."""
     try:
         await stack.start()
         yield stack
@@ -86,12 +94,9 @@ async def slow_broker_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         settings={**TEST_SETTINGS, "INGESTION_RABBITMQ_URL": proxy.url(RABBITMQ_URL)},
     )
     try:
-        await stack.start()
-        yield stack
-        stack.assert_running()
+        async with running(stack):
+            yield stack
     finally:
-        await stack.stop()
-        await stack.clean()
         await proxy.cut()
 
 

@@ -22,12 +22,13 @@ import pytest
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
 from common.messages import encode_reading
-from common.models import validate_reading
+from common.models import Reading, validate_reading
 from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology
 from scripts import dlq
 from scripts.client_options import should_resend
 from tests.component.test_queries import start_redis
 from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
+from tests.e2e.conftest import Stack
 from tests.faults.load import (
     STREAM_CHUNK,
     accepted_before_failure,
@@ -83,22 +84,11 @@ async def test_ingestion_killed_in_the_middle_of_a_stream(
     ledger = tmp_path / "ledger.jsonl"
     stream = long_stream("stream-i")
     load = asyncio.create_task(steady_load(stack, ledger, seconds=10))
-    published_before = await stack.metric("INGESTION", "ingestion_published_total")
-    call = asyncio.create_task(send_stream(stack, stream))
-
-    async def stream_half_way() -> bool:  # the load alone adds ~150/s; the stream thousands
-        assert not call.done(), "the stream ended before the fault: make it longer"
-        published = await stack.metric("INGESTION", "ingestion_published_total")
-        return published - published_before >= 2 * STREAM_CHUNK
-
-    await wait_until(stream_half_way, timeout_s=120, what="the stream half-way through")
-    published = await stack.metric("INGESTION", "ingestion_published_total") - published_before
-    await stack.stop_service("ingestion_service", signal.SIGKILL)
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await call
-    assert_stream_cut(failed.value)
-    accepted = accepted_before_failure(failed.value)
-    assert accepted is None or accepted < len(stream), failed.value.details()
+    published, error = await killed_mid_stream(
+        stack, stream, "ingestion_service", ("INGESTION", "ingestion_published_total")
+    )
+    accepted = accepted_before_failure(error)
+    assert accepted is None or accepted < len(stream), error.details()
     await stack.start_service("ingestion_service")
     restarted = time.monotonic()
     sends = await resend_stream(stack, stream, ledger)
@@ -119,20 +109,9 @@ async def test_gateway_killed_mid_stream(stacks, catalog: Path, tmp_path: Path) 
     ledger = tmp_path / "ledger.jsonl"
     stream = long_stream("stream-g")
     load = asyncio.create_task(steady_load(stack, ledger, seconds=12))
-    forwarded_before = await stack.metric("GATEWAY", "gateway_readings_accepted_total")
-    call = asyncio.create_task(send_stream(stack, stream))
-
-    async def stream_half_way() -> bool:
-        assert not call.done(), "the stream ended before the fault: make it longer"
-        forwarded = await stack.metric("GATEWAY", "gateway_readings_accepted_total")
-        return forwarded - forwarded_before >= 2 * STREAM_CHUNK
-
-    await wait_until(stream_half_way, timeout_s=120, what="the stream half-way through")
-    forwarded = await stack.metric("GATEWAY", "gateway_readings_accepted_total")
-    await stack.stop_service("api_gateway", signal.SIGKILL)
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await call
-    assert_stream_cut(failed.value)
+    forwarded, _ = await killed_mid_stream(
+        stack, stream, "api_gateway", ("GATEWAY", "gateway_readings_accepted_total")
+    )
     await stack.start_service("api_gateway")
     restarted = time.monotonic()
     sends = await resend_stream(stack, stream, ledger)
@@ -142,7 +121,7 @@ async def test_gateway_killed_mid_stream(stacks, catalog: Path, tmp_path: Path) 
         ledger,
         catalog,
         "gateway SIGKILL mid-stream",
-        f"a stream of {len(stream)} cut after {forwarded - forwarded_before:.0f} readings "
+        f"a stream of {len(stream)} cut after {forwarded:.0f} readings "
         f"(with the load's) had been forwarded, unanswered; resent ({sends} sends)",
         restarted,
     )
@@ -465,6 +444,29 @@ async def test_rolling_sigterm_of_every_service_under_load(
         f"{flying:.0f} deliveries unsettled in billing at the first SIGTERM",
         restarted,
     )
+
+
+async def killed_mid_stream(
+    stack: Stack, stream: list[Reading], service: str, progress: tuple[str, str]
+) -> tuple[float, grpc.aio.AioRpcError]:
+    """Send ``stream`` as one SendReadings call and SIGKILL ``service`` once ``progress`` (a
+    counter: settings prefix and metric name) has grown by two chunks while the call still
+    runs. Returns that growth and the call's error, a cut a logger resends."""
+    prefix, counter = progress
+    before = await stack.metric(prefix, counter)
+    call = asyncio.create_task(send_stream(stack, stream))
+
+    async def half_way() -> bool:  # the load alone adds ~150/s; the stream thousands
+        assert not call.done(), "the stream ended before the fault: make it longer"
+        return await stack.metric(prefix, counter) - before >= 2 * STREAM_CHUNK
+
+    await wait_until(half_way, timeout_s=120, what="the stream half-way through")
+    grown = await stack.metric(prefix, counter) - before
+    await stack.stop_service(service, signal.SIGKILL)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    assert_stream_cut(failed.value)
+    return grown, failed.value
 
 
 def assert_stream_cut(error: grpc.aio.AioRpcError) -> None:
