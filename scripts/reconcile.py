@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo
 
+import grpc
 import typer
 
 from common.energy.v1 import billing_pb2, gateway_pb2_grpc
@@ -139,8 +140,14 @@ async def reconcile(
         stub = gateway_pb2_grpc.GatewayStub(channel)
         while True:
             pending = [d for d in devices.values() if not d.exact]
-            for device in pending:
-                await check(stub, device)
+            try:
+                for device in pending:
+                    await check(stub, device)
+            except grpc.aio.AioRpcError as error:
+                # A service restarted moments ago (after an incident, a fault test) may not
+                # answer yet: within --wait-s that is "not yet", as for a logger.
+                if not client.should_resend(error) or time.monotonic() > deadline:
+                    raise
             if all(d.exact for d in devices.values()) or time.monotonic() > deadline:
                 return sorted(devices.values(), key=lambda d: d.device_id)
             await asyncio.sleep(1)
