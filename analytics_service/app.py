@@ -9,6 +9,7 @@ import logging
 from analytics_service.adapters.billing import BillingClient
 from analytics_service.billing_sync import BilledAmounts, CatalogView, restore_activity
 from analytics_service.consumer import AnalyticsHandler
+from analytics_service.domain.demand import FleetDemand
 from analytics_service.domain.tally import Tally, Windows
 from analytics_service.settings import AnalyticsSettings
 from common.consumer import ReadingConsumer
@@ -31,6 +32,8 @@ class AnalyticsApp:
             dedupe_s=settings.dedupe_window_s,
         )
         self.tally = Tally(self.windows, settings.dedupe_max_ids)
+        # Not restored from billing (only device activity is): empty until readings come.
+        self.demand = FleetDemand()
         # Everything analytics knows of billing comes through billing's gRPC API: which
         # devices are registered, which accounts to sum, each device's latest reading.
         self.billing = BillingClient(settings.billing_addr, settings.billing_timeout_s, settings)
@@ -41,7 +44,7 @@ class AnalyticsApp:
             settings.rabbitmq_url,
             topology,
             topology.analytics_queue,
-            AnalyticsHandler(self.tally, self.catalog.is_registered, settings.top_n),
+            AnalyticsHandler(self.tally, self.demand, self.catalog.is_registered, settings.top_n),
             settings.prefetch,
             settings.limits,
             # Counted one by one, acked once per batch: the ack frames were its top cost.
