@@ -6,13 +6,20 @@ every problem is reported as ``<file>:<line>: <key path>: <what to change>``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from billing_service.domain.tariff import Catalog, CatalogError, describe_problem, key_path
+from billing_service.domain.tariff import (
+    Catalog,
+    CatalogError,
+    Loc,
+    describe_problem,
+    key_path,
+)
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -55,6 +62,28 @@ class _Loader(yaml.SafeLoader):
 
 def parse_catalog(text: str, source: str) -> Catalog:
     """Validate catalog YAML; ``source`` names it in errors (a file path)."""
+    root, data = _read(text, source)
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(problem, root, source) for problem in error.errors()]
+        raise CatalogError("\n".join(problems)) from None
+
+
+def locate_problems(text: str, source: str, problems: Iterable[tuple[Loc, str]]) -> list[str]:
+    """Domain problems about a catalog text (``closed_period_problems``), one line each:
+    ``<source>:<line>: <key path>: <message>``. CatalogError if the text is not YAML.
+    """
+    root, _ = _read(text, source)
+    lines = []
+    for loc, message in problems:
+        line, path = _locate(root, loc)
+        lines.append(f"{source}:{line}: {path or '(top level)'}: {message}")
+    return lines
+
+
+def _read(text: str, source: str) -> tuple[yaml.Node, Any]:
+    """The YAML tree (for lines) and the data it holds; CatalogError if it is not YAML."""
     loader: _Loader | None = None
     try:
         loader = _Loader(text)
@@ -75,11 +104,7 @@ def parse_catalog(text: str, source: str) -> Catalog:
     finally:
         if loader is not None:
             loader.dispose()
-    try:
-        return Catalog.model_validate(data)
-    except ValidationError as error:
-        problems = [_describe(problem, root, source) for problem in error.errors()]
-        raise CatalogError("\n".join(problems)) from None
+    return root, data
 
 
 def _describe(problem: Any, root: yaml.Node, source: str) -> str:
@@ -94,10 +119,24 @@ def _locate(node: yaml.Node, loc: tuple[str | int, ...]) -> tuple[int, str]:
 
     A mapping's line is its key's; a missing key's is its enclosing mapping's. Pydantic
     adds a discriminated union's tag ('time_of_use') to the location; it is not in the YAML.
+    Neither is ``versions[0]`` of a tariff written in the one-version form (prices at its
+    top level): the path is shown as written, ``tariffs[1].energy...``.
     """
     line, shown = node.start_mark.line + 1, []
     current: yaml.Node | None = node
-    for part in loc:
+    skip = 0
+    for position, part in enumerate(loc):
+        if skip:
+            skip -= 1
+            continue
+        if (
+            part == "versions"
+            and isinstance(current, yaml.MappingNode)
+            and loc[position + 1 : position + 2] == (0,)
+            and "versions" not in {key.value for key, _ in current.value}
+        ):
+            skip = 1  # the one-version form: the version's keys are the tariff's own
+            continue
         if isinstance(current, yaml.SequenceNode) and isinstance(part, int):
             current = current.value[part] if 0 <= part < len(current.value) else None
             line = current.start_mark.line + 1 if current else line

@@ -1,5 +1,11 @@
 """Tariffs, accounts and devices: the billing catalog and its validation.
 
+A tariff has a currency and a time zone and a list of versions, each one its prices
+(standing charge, tax rate, energy, an optional demand charge) from a local date on. A
+closed (issued) period never changes: ``closed_period_problems`` lists the catalog edits
+that would change one. The old single-version form (prices at the tariff's top level) still
+loads, as one version from the beginning.
+
 Pure domain code: the YAML file is read by ``billing_service.adapters.catalog_file``, which
 hands the parsed mapping to ``Catalog.model_validate``. Money and prices are ``Decimal``,
 from the numbers' text, so 0.30 is exactly 0.30. Every error says the key path and what to
@@ -9,8 +15,12 @@ change (``describe_problem``); the adapter adds the file and line, e.g.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from datetime import datetime
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -269,20 +279,171 @@ class TieredEnergy(_Model):
 Energy = Annotated[FlatEnergy | TimeOfUseEnergy | TieredEnergy, Field(discriminator="kind")]
 
 
+class DemandCharge(_Model):
+    """A price per kW of the period's peak power (slot kWh x 4), see ``bill.compute_bill``.
+
+    ``bands``: only slots in these time-of-use bands count towards the peak (None: every
+    slot); allowed only with ``time_of_use`` energy, naming that version's bands.
+    """
+
+    price_per_kw: Price
+    bands: list[str] | None = Field(default=None, min_length=1)
+
+
+class TariffVersion(_Model):
+    """A tariff's prices from ``effective_from`` (a local date; None: from the beginning)."""
+
+    effective_from: date | None = None
+    standing_charge_per_day: Price = Decimal(0)
+    tax_rate: Annotated[Decimal, AfterValidator(_check_tax_rate)] = Decimal(0)
+    energy: Energy
+    demand: DemandCharge | None = None
+
+    @model_validator(mode="after")
+    def _demand_bands_exist(self) -> TariffVersion:
+        if self.demand is None or self.demand.bands is None:
+            return self
+        if not isinstance(self.energy, TimeOfUseEnergy):
+            raise _At(
+                ("demand", "bands"),
+                f"demand bands need time_of_use energy, and this energy is {self.energy.kind!r}; "
+                "remove bands to charge the peak of every slot",
+            )
+        known = list(dict.fromkeys(band.name for band in self.energy.bands))
+        for index, name in enumerate(self.demand.bands):
+            if name not in known:
+                raise _At(
+                    ("demand", "bands", index),
+                    f"{name!r} is not a band of this energy; known: {', '.join(map(repr, known))}",
+                )
+        return self
+
+
+# The keys of a version that the old form writes at the tariff's top level.
+_VERSION_KEYS = ("standing_charge_per_day", "tax_rate", "energy", "demand")
+
+
+@dataclass(frozen=True)
+class VersionSpan:
+    """The version in force on the local days [first_day, last_day] (both included)."""
+
+    index: int  # in ``Tariff.versions``
+    version: TariffVersion
+    first_day: date
+    last_day: date
+
+
 class Tariff(_Model):
-    """What a kWh, a day of supply and tax cost, in one currency and local time zone."""
+    """What a kWh, a day of supply and tax cost, in one currency and local time zone.
+
+    ``versions`` are in strictly ascending ``effective_from``; the first may omit it (from
+    the beginning) and also prices any day before its date, so every day has a price.
+    """
 
     id: Id
     name: str = ""
     currency: Annotated[str, AfterValidator(_check_currency)]
     time_zone: Annotated[str, AfterValidator(_check_zone)]
-    standing_charge_per_day: Price = Decimal(0)
-    tax_rate: Annotated[Decimal, AfterValidator(_check_tax_rate)] = Decimal(0)
-    energy: Energy
+    versions: list[TariffVersion] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_version_form(cls, data: Any) -> Any:
+        """The old form (prices at the top level, no ``versions``) is one version."""
+        if not isinstance(data, dict):
+            return data
+        if "versions" in data:
+            mixed = [key for key in _VERSION_KEYS if key in data]
+            if mixed:
+                raise _At(
+                    (mixed[0],),
+                    "is given beside versions; with versions, every price goes inside a "
+                    "version (move it into the first one, or remove versions)",
+                )
+            return data
+        moved = {key: data[key] for key in _VERSION_KEYS if key in data}
+        rest = {key: value for key, value in data.items() if key not in _VERSION_KEYS}
+        return {**rest, "versions": [moved]}
+
+    @model_validator(mode="after")
+    def _versions_ascending(self) -> Tariff:
+        previous = self.versions[0].effective_from
+        for index, version in enumerate(self.versions[1:], start=1):
+            day = version.effective_from
+            if day is None:
+                raise _At(
+                    ("versions", index, "effective_from"),
+                    "is missing; only the first version may omit it (it applies from the "
+                    "beginning): give the local date this one takes effect, like 2026-11-01",
+                )
+            if previous is not None and day <= previous:
+                raise _At(
+                    ("versions", index, "effective_from"),
+                    f"{day} is not after the previous version's {previous}; list versions "
+                    "in ascending order of effective_from, one version per date",
+                )
+            previous = day
+        return self
 
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.time_zone)  # ZoneInfo caches instances by name
+
+    def version_on(self, day: date) -> TariffVersion:
+        """The version in force on a local date (the first one before its own date)."""
+        return self.versions[self._index_on(day)]
+
+    def _index_on(self, day: date) -> int:
+        found = 0
+        for index, version in enumerate(self.versions):
+            if version.effective_from is None or version.effective_from <= day:
+                found = index
+        return found
+
+    def versions_between(self, first_day: date, end_day: date) -> list[VersionSpan]:
+        """The versions in force over the local days [first_day, end_day), in order.
+
+        Contiguous spans covering the range; one span when no version starts inside it.
+        """
+        if end_day <= first_day:
+            return []
+        spans: list[VersionSpan] = []
+        index = self._index_on(first_day)
+        start = first_day
+        while True:
+            following = self.versions[index + 1] if index + 1 < len(self.versions) else None
+            after = following.effective_from if following is not None else None
+            if after is None or after >= end_day:
+                spans.append(VersionSpan(index, self.versions[index], start, _day_before(end_day)))
+                return spans
+            spans.append(VersionSpan(index, self.versions[index], start, _day_before(after)))
+            index, start = index + 1, after
+
+    # The latest version's prices, for code written before versions. A bill prices each
+    # day by the version in force then: use ``version_on`` or ``versions_between``.
+    @property
+    def latest(self) -> TariffVersion:
+        return self.versions[-1]
+
+    @property
+    def standing_charge_per_day(self) -> Decimal:
+        return self.latest.standing_charge_per_day
+
+    @property
+    def tax_rate(self) -> Decimal:
+        return self.latest.tax_rate
+
+    @property
+    def energy(self) -> FlatEnergy | TimeOfUseEnergy | TieredEnergy:
+        return self.latest.energy
+
+    @property
+    def demand(self) -> DemandCharge | None:
+        return self.latest.demand
+
+
+def _day_before(day: date) -> date:
+    return date.fromordinal(day.toordinal() - 1)
 
 
 class Account(_Model):
@@ -376,6 +537,129 @@ def _by_id(items: list[Any], where: str) -> dict[str, Any]:
 
 def _unknown(what: str, value: str, known: dict[str, Any]) -> str:
     return f"unknown {what} {value!r}; known: {', '.join(map(repr, known)) or 'none'}"
+
+
+Loc = tuple[str | int, ...]
+
+
+def version_fingerprint(version: TariffVersion) -> str:
+    """A stable digest of a version's prices (not its date): equal prices, equal digest.
+
+    Canonical JSON of the model with numbers normalised (0.30 and 0.3 are one price) and
+    defaults filled in, so rewriting the YAML without changing a price keeps the digest.
+    """
+    data = version.model_dump(mode="python", exclude={"effective_from"})
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=_canonical)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"cannot fingerprint {value!r}")
+
+
+@dataclass(frozen=True)
+class IssuedVersionUse:
+    """A tariff version that priced (part of) a closed, issued period.
+
+    ``effective_from`` identifies the version in its tariff; ``fingerprint`` is
+    ``version_fingerprint`` of it when the bill was issued; ``period_end_local_date`` is the
+    period's last local day (included).
+    """
+
+    tariff_id: str
+    effective_from: date | None
+    fingerprint: str
+    period_label: str
+    period_end_local_date: date
+    bill_id: str
+
+
+def closed_period_problems(
+    catalog: Catalog, issued: Iterable[IssuedVersionUse]
+) -> list[tuple[Loc, str]]:
+    """What in ``catalog`` would change the price of a closed period, as (key path, fix).
+
+    A problem when a version that priced a closed period is gone, or has other prices, or
+    when a version that priced none of them would now be in force on a day of one (a new
+    version dated on or before that period's last day). One problem per place, naming the
+    earliest closed period concerned. Periods are local months (labels YYYY-MM); a label in
+    another form is taken to start at the beginning.
+    """
+    uses = sorted(issued, key=lambda use: (use.period_end_local_date, use.bill_id))
+    problems: dict[Loc, str] = {}
+    by_tariff: dict[str, list[IssuedVersionUse]] = {}
+    index_of = {tariff.id: index for index, tariff in enumerate(catalog.tariffs)}
+    never = "a closed period never changes"
+    for use in uses:
+        by_tariff.setdefault(use.tariff_id, []).append(use)
+        when = _from(use.effective_from)
+        closed = f"closed period {use.period_label} (bill {use.bill_id})"
+        if use.tariff_id not in index_of:
+            problems.setdefault(
+                ("tariffs",),
+                f"tariff {use.tariff_id!r} priced {closed} and is no longer in the catalog; "
+                f"{never}: put it back (add new versions to change its prices)",
+            )
+            continue
+        position = index_of[use.tariff_id]
+        tariff = catalog.tariffs[position]
+        found = [
+            index
+            for index, version in enumerate(tariff.versions)
+            if version.effective_from == use.effective_from
+        ]
+        if not found:
+            problems.setdefault(
+                ("tariffs", position, "versions"),
+                f"the version {when} priced {closed} and is no longer in tariff "
+                f"{tariff.id!r}; {never}: put it back, and add a new version with a later "
+                "effective_from instead",
+            )
+        elif version_fingerprint(tariff.versions[found[0]]) != use.fingerprint:
+            problems.setdefault(
+                ("tariffs", position, "versions", found[0]),
+                f"the version {when} priced {closed}; {never}: add a new version with a "
+                "later effective_from instead",
+            )
+    for tariff_id, used in by_tariff.items():
+        if tariff_id not in index_of:
+            continue
+        position = index_of[tariff_id]
+        tariff = catalog.tariffs[position]
+        known = {use.effective_from for use in used}
+        for index, version in enumerate(tariff.versions):
+            if version.effective_from in known:
+                continue
+            first = version.effective_from or date.min
+            following = tariff.versions[index + 1] if index + 1 < len(tariff.versions) else None
+            end = following.effective_from if following and following.effective_from else None
+            for use in used:  # earliest period first
+                overlaps = first <= use.period_end_local_date and (
+                    end is None or end > _first_day(use.period_label)
+                )
+                if overlaps:
+                    problems.setdefault(
+                        ("tariffs", position, "versions", index, "effective_from"),
+                        f"the new version {_from(version.effective_from)} would price days of "
+                        f"closed period {use.period_label} (bill {use.bill_id}), which ends "
+                        f"{use.period_end_local_date}; {never}: give it an effective_from "
+                        f"after {use.period_end_local_date}",
+                    )
+                    break
+    return list(problems.items())
+
+
+def _from(day: date | None) -> str:
+    return f"from {day}" if day is not None else "from the beginning"
+
+
+def _first_day(label: str) -> date:
+    match = re.fullmatch(r"(\d{4})-(\d{2})", label)
+    return date(int(match[1]), int(match[2]), 1) if match else date.min
 
 
 def describe_problem(problem: Any) -> tuple[tuple[str | int, ...], str]:
