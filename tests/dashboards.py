@@ -63,6 +63,8 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "energy_unregistered_devices",
         "energy_top_consumer_kwh",
         "energy_billed_amount",
+        "fleet_peak_demand_kw",
+        "fleet_peak_demand_slot_start_seconds",
         # RabbitMQ (rabbitmq_prometheus, per-object endpoint)
         "rabbitmq_queue_messages_ready",
         "rabbitmq_queue_messages_unacked",
