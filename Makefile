@@ -29,7 +29,7 @@ dev up down down-delete-data: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 up down down-delete-data: export RABBITMQ_PASSWORD = $(shell cat $(RABBITMQ_PASSWORD_FILE))
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
+.PHONY: help install proto services dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ dev: proto services $(ADMIN_TOKEN_FILE) ## Run the four services as local proces
 
 seed: install ## Load tariffs, accounts and devices into MongoDB: CATALOG (deployments/tariffs.yaml)
 	$(PY) -m scripts.seed $(CATALOG)
+
+close-period: install ## Issue the bills of an ended month: PERIOD=YYYY-MM [ACCOUNT=id] (billing's MONGODB_URL, MONGODB_DATABASE)
+	@test -n "$(PERIOD)" || { echo "usage: make close-period PERIOD=YYYY-MM [ACCOUNT=id]"; exit 2; }
+	$(PY) -m billing_service.close_period $(PERIOD) $(if $(ACCOUNT),--account $(ACCOUNT))
 
 import: install $(ADMIN_TOKEN_FILE) ## Send a CSV through SendReadings: CSV=path [DEVICE=id] [TIME_ZONE=Europe/Oslo]
 	@test -n "$(CSV)" || { echo "usage: make import CSV=path [DEVICE=id] [TIME_ZONE=zone]"; exit 2; }

@@ -51,6 +51,7 @@ READS: tuple[Read, ...] = (
     Read("GetLatestReading", "GetLatestReading", own_device),
     Read("GetDeviceBill", "GetDeviceBill", own_device),
     Read("GetAccountBill", "GetAccountBill", account_wide),
+    Read("ListBills", "ListBills", account_wide),
     Read("GetUsage", "GetUsage", own_device),
     Read("ListReadings", "ListReadings", own_device),
 )

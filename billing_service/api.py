@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from billing_service.domain.bill import Bill
+from billing_service.adapters.mongo_bills import IssuedBill
+from billing_service.bill_messages import account_message, bill_message
 from billing_service.domain.ledger import TransientFailure
 from billing_service.domain.usage import InvalidQuery
 from billing_service.queries import BillingQueries, NoCatalog, NotFound
@@ -41,9 +42,13 @@ class BillingServicer(billing_pb2_grpc.BillingServicer):
         self, request: billing_pb2.GetDeviceBillRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetDeviceBillResponse:
         async with _statuses(context):
-            bill, unregistered = await self._queries.device_bill(request.device_id, request.period)
-        message = _bill(request.device_id, bill)
-        message.unregistered = unregistered
+            answer = await self._queries.device_bill(request.device_id, request.period)
+        if answer.bill is None:  # issued: the stored bytes, exactly
+            return billing_pb2.GetDeviceBillResponse(
+                bill=billing_pb2.Bill.FromString(answer.issued)
+            )
+        message = bill_message(request.device_id, answer.bill)
+        message.unregistered = answer.unregistered
         return billing_pb2.GetDeviceBillResponse(bill=message)
 
     async def GetAccountBill(
@@ -51,12 +56,22 @@ class BillingServicer(billing_pb2_grpc.BillingServicer):
     ) -> billing_pb2.GetAccountBillResponse:
         async with _statuses(context):
             account = await self._queries.account_bill(request.account_id, request.period)
-        return billing_pb2.GetAccountBillResponse(
-            account_id=account.account_id,
-            currency=account.currency,
-            period=account.period.label,
-            bills=[_bill(device_id, bill) for device_id, bill in account.bills.items()],
-            total=str(account.total),
+        if isinstance(account, IssuedBill):  # the stored bytes, exactly
+            return billing_pb2.GetAccountBillResponse.FromString(account.response_bytes)
+        return account_message(account)
+
+    async def ListBills(
+        self, request: billing_pb2.ListBillsRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.ListBillsResponse:
+        async with _statuses(context):
+            bills, token = await self._queries.list_bills(
+                request.account_id, request.page_size, request.page_token
+            )
+        return billing_pb2.ListBillsResponse(
+            bills=[
+                billing_pb2.GetAccountBillResponse.FromString(bill.response_bytes) for bill in bills
+            ],
+            next_page_token=token,
         )
 
     async def GetUsage(
@@ -155,28 +170,3 @@ def _instant(stamp: Timestamp) -> datetime:
         return stamp.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidQuery(f"timestamp seconds={stamp.seconds} is out of range") from None
-
-
-def _bill(device_id: str, bill: Bill) -> billing_pb2.Bill:
-    message = billing_pb2.Bill(
-        device_id=device_id,
-        tariff_id=bill.tariff_id,
-        currency=bill.currency,
-        period=bill.period.label,
-        energy_kwh=str(bill.energy_kwh),
-        subtotal=str(bill.subtotal),
-        tax=str(bill.tax),
-        total=str(bill.total),
-    )
-    message.period_start.FromDatetime(bill.period.start)
-    message.period_end.FromDatetime(bill.period.end)
-    message.as_of.FromDatetime(bill.as_of)
-    for line in bill.lines:
-        message.lines.add(
-            description=line.description,
-            quantity=str(line.quantity),
-            unit=line.unit,
-            unit_price=str(line.unit_price),
-            amount=str(line.amount),
-        )
-    return message

@@ -1,18 +1,23 @@
-"""Composition root of billing_service: MongoDB, Redis, the consumer, gRPC health, metrics."""
+"""Composition root of billing_service: MongoDB, Redis, the consumer, gRPC health, metrics,
+and the loop that closes billing periods (issues bills)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 from billing_service.adapters.faults import FaultyLedger
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
+from billing_service.adapters.mongo_bills import MongoBillStore
 from billing_service.adapters.redis import RedisCache
 from billing_service.api import BillingServicer
+from billing_service.closing import BillCloser, DeviceBiller, ledger_slot_energy
 from billing_service.consumer import BillingHandler
 from billing_service.domain.ledger import Ledger, TransientFailure
+from billing_service.domain.tariff import CatalogError
 from billing_service.queries import BillingQueries, CatalogHolder
 from billing_service.settings import BillingSettings
 from common.consumer import ReadingConsumer
@@ -39,7 +44,8 @@ class BillingApp:
         self.cache = RedisCache(
             settings.redis_url, settings.redis_key_prefix, settings.redis_timeout_s
         )
-        self.catalog = CatalogHolder(MongoCatalog(self.ledger.database))
+        self.bills = MongoBillStore(self.ledger.database)
+        self.catalog = CatalogHolder(MongoCatalog(self.ledger.database), self.bills)
         writes: Ledger = self.ledger
         if settings.faults_file:
             log.warning("MongoDB fault injection is on", extra={"file": settings.faults_file})
@@ -64,7 +70,10 @@ class BillingApp:
         )
         self.grpc = GrpcServer([SERVICE_NAME])
         self.queries = BillingQueries(
-            self.ledger, self.cache, self.catalog, settings.max_usage_buckets
+            self.ledger, self.cache, self.catalog, settings.max_usage_buckets, bills=self.bills
+        )
+        self.closer = BillCloser(
+            DeviceBiller(ledger_slot_energy(self.ledger)), self.bills, self.catalog.require
         )
         billing_pb2_grpc.add_BillingServicer_to_server(
             BillingServicer(self.queries), self.grpc.server
@@ -84,6 +93,15 @@ class BillingApp:
             asyncio.create_task(self.handler.refresh_stale()),
             asyncio.create_task(self.catalog.refresh_forever(self.settings.catalog_refresh_s)),
         ]
+        if self.settings.close_check_interval_s > 0:  # 0: only `make close-period` closes
+            self._background.append(
+                asyncio.create_task(
+                    self.closer.close_forever(
+                        self.settings.close_check_interval_s,
+                        timedelta(hours=self.settings.close_grace_hours),
+                    )
+                )
+            )
         self.port = await self.grpc.start(
             self.settings.host, self.settings.port, server_credentials(self.settings)
         )
@@ -92,7 +110,13 @@ class BillingApp:
     async def _prepare_store(self) -> None:
         await self.ledger.ensure_indexes()
         await self.ledger.migrate_layout()
-        await self.catalog.refresh()
+        try:
+            await self.catalog.refresh()
+        except CatalogError as error:  # refused (it would change a closed period): say so
+            log.error(
+                "refused the stored tariff catalog; no catalog until a valid one is stored",
+                extra={"problems": str(error)},
+            )
 
     async def stop(self) -> None:
         """NOT_SERVING and no new deliveries at once; in-flight reads and writes get the grace."""

@@ -16,13 +16,16 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter
 
-from billing_service.adapters.catalog_file import parse_catalog
+from billing_service.adapters.catalog_file import locate_problems, parse_catalog
 from billing_service.adapters.mongo import MongoCatalog, MongoLedger
+from billing_service.adapters.mongo_bills import InvalidPageToken, IssuedBill, MongoBillStore
 from billing_service.adapters.redis import MonthSlots, RedisCache
+from billing_service.closing import DeviceBiller, issued_version_uses
 from billing_service.domain import usage
 from billing_service.domain.bill import (
     AccountBill,
@@ -34,13 +37,14 @@ from billing_service.domain.bill import (
     period_of_month,
 )
 from billing_service.domain.ledger import SlotKey, Total, TransientFailure
-from billing_service.domain.tariff import Catalog, Tariff
+from billing_service.domain.tariff import Catalog, CatalogError, Tariff, closed_period_problems
 from billing_service.domain.usage import InvalidQuery, UsageBucket
 from common.models import ID_PATTERN, ID_RULE, Reading
 
 log = logging.getLogger(__name__)
 PERIOD_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+DEFAULT_BILLS_PAGE, MAX_BILLS_PAGE = 12, 100
 
 
 CACHE_UNAVAILABLE = Counter(
@@ -49,6 +53,15 @@ CACHE_UNAVAILABLE = Counter(
     ["operation"],
 )
 CACHE_LOG_EVERY = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class DeviceBillAnswer:
+    """An estimate (``bill``), or an issued bill: its ``Bill`` proto as stored (``issued``)."""
+
+    bill: Bill | None
+    unregistered: bool
+    issued: bytes = b""
 
 
 class NotFound(LookupError):
@@ -62,16 +75,26 @@ class NoCatalog(RuntimeError):
 class CatalogHolder:
     """The tariff catalog as last loaded from MongoDB (``make seed`` writes it)."""
 
-    def __init__(self, store: MongoCatalog) -> None:
+    def __init__(self, store: MongoCatalog, bills: MongoBillStore | None = None) -> None:
         self._store = store
+        self._bills = bills
         self._loaded_at: datetime | None = None
         self.current: Catalog | None = None
 
     async def refresh(self) -> None:
+        """Load the stored catalog if it changed. One that would change a closed period's
+        bill (``make seed`` refuses those; another writer might not) is refused: the
+        previous catalog stays, and the problems are raised as CatalogError."""
         stored = await self._store.load()
         if stored is None or stored.loaded_at == self._loaded_at:
             return
-        self.current = parse_catalog(stored.text, stored.source)
+        catalog = parse_catalog(stored.text, stored.source)
+        if self._bills is not None:
+            problems = closed_period_problems(catalog, await issued_version_uses(self._bills))
+            if problems:
+                lines = locate_problems(stored.text, stored.source, problems)
+                raise CatalogError("\n".join(lines))
+        self.current = catalog
         self._loaded_at = stored.loaded_at
         log.info("tariff catalog loaded", extra={"source": stored.source})
 
@@ -80,6 +103,11 @@ class CatalogHolder:
             await asyncio.sleep(interval_s)
             try:
                 await self.refresh()
+            except CatalogError as error:  # logged at each refresh while it is stored
+                log.error(
+                    "refused the stored tariff catalog; keeping the previous one",
+                    extra={"problems": str(error)},
+                )
             except Exception:  # a bad or unreachable catalog keeps the previous one
                 log.exception("could not reload the tariff catalog; keeping the previous one")
 
@@ -107,6 +135,7 @@ class BillingQueries:
         catalog: CatalogHolder,
         max_buckets: int,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        bills: MongoBillStore | None = None,
     ) -> None:
         self._ledger = ledger
         self._cache = cache
@@ -114,6 +143,8 @@ class BillingQueries:
         self._max_buckets = max_buckets
         self._clock = clock
         self._cache_failed_at: datetime | None = None
+        self.bills = bills if bills is not None else MongoBillStore(ledger.database)
+        self.biller = DeviceBiller(self._slot_energy)
 
     async def latest(self, device_id: str) -> Reading:
         check_id("device_id", device_id)
@@ -132,33 +163,65 @@ class BillingQueries:
             self._without_cache("put_latest", error)
         return reading
 
-    async def device_bill(self, device_id: str, period_label: str) -> tuple[Bill, bool]:
-        """The device's bill and whether it is unregistered (billed under the default tariff)."""
+    async def device_bill(self, device_id: str, period_label: str) -> DeviceBillAnswer:
+        """The device's issued bill for a closed period, else its estimate with the
+        adjustments of its account's earlier issued bills. A device the catalog does not
+        list (billed under the default tariff) has no account: an estimate, never issued."""
         check_id("device_id", device_id)
         catalog = self._catalog.require()
         device = catalog.device(device_id)
         tariff = catalog.tariff(device.tariff if device else catalog.default_tariff)
         period, as_of = self._period(tariff, period_label)
-        slots = await self._slot_energy(device_id, period.start, period.end)
-        if device is None and not slots:
-            raise NotFound(
-                f"device {device_id!r} is not registered and has no readings in {period.label}"
-            )
-        return compute_bill(tariff, period, slots, as_of), device is None
+        if device is None:
+            slots = await self._slot_energy(device_id, period.start, period.end)
+            if not slots:
+                raise NotFound(
+                    f"device {device_id!r} is not registered and has no readings in {period.label}"
+                )
+            return DeviceBillAnswer(compute_bill(tariff, period, slots, as_of), unregistered=True)
+        if period.end <= self._clock():
+            issued = await self.bills.get(device.account, period.label)
+            part = issued.device(device_id) if issued is not None else None
+            if part is not None:
+                return DeviceBillAnswer(None, unregistered=False, issued=part.bill_bytes)
+        earlier = await self.bills.of_account(device.account)
+        bill = await self.biller.bill(device_id, tariff, period, as_of, catalog, earlier)
+        return DeviceBillAnswer(bill, unregistered=False)
 
-    async def account_bill(self, account_id: str, period_label: str) -> AccountBill:
+    async def account_bill(self, account_id: str, period_label: str) -> AccountBill | IssuedBill:
+        """The account's issued bill for a closed period, else its estimate (with the
+        adjustments of its earlier issued bills)."""
         check_id("account_id", account_id)
         catalog = self._catalog.require()
         devices = catalog.devices_of(account_id)
         if not devices:
             raise NotFound(f"account {account_id!r} is not in the catalog or has no devices")
+        period, as_of = self._period(catalog.tariff(devices[0].tariff), period_label)
+        if period.end <= self._clock():
+            issued = await self.bills.get(account_id, period.label)
+            if issued is not None:
+                return issued
+        earlier = await self.bills.of_account(account_id)
         bills = {}
         for device in devices:
             tariff = catalog.tariff(device.tariff)
             period, as_of = self._period(tariff, period_label)
-            slots = await self._slot_energy(device.id, period.start, period.end)
-            bills[device.id] = compute_bill(tariff, period, slots, as_of)
+            bills[device.id] = await self.biller.bill(
+                device.id, tariff, period, as_of, catalog, earlier
+            )
         return combine_bills(account_id, bills)
+
+    async def list_bills(
+        self, account_id: str, page_size: int, page_token: str
+    ) -> tuple[list[IssuedBill], str]:
+        """The account's issued bills, newest first, a page at a time."""
+        check_id("account_id", account_id)
+        if page_size > MAX_BILLS_PAGE:
+            raise InvalidQuery(f"page_size {page_size} is above {MAX_BILLS_PAGE}; ask for less")
+        try:
+            return await self.bills.page(account_id, page_size or DEFAULT_BILLS_PAGE, page_token)
+        except InvalidPageToken as error:
+            raise InvalidQuery(str(error)) from None
 
     async def usage(
         self, device_id: str, start: datetime, end: datetime, window: str, zone_name: str

@@ -45,6 +45,17 @@ class BillingSettings(BrokerSettings, ServerTlsSettings):
     )
     max_usage_buckets: int = Field(10_000, ge=1, description="windows one usage query may return")
     catalog_refresh_s: float = Field(10.0, gt=0, description="reload the tariff catalog this often")
+    close_grace_hours: float = Field(
+        72,
+        ge=0,
+        le=24 * 366,
+        description="a period closes (its bills are issued) this long after it ends",
+    )
+    close_check_interval_s: float = Field(
+        300,
+        ge=0,
+        description="look for periods to close this often; 0: only `make close-period` closes",
+    )
     faults_file: str = Field(
         "", description="testing aid: while this file exists, MongoDB writes fail (tests/faults)"
     )

@@ -29,7 +29,11 @@ RESEND_FOR_S = 300
 
 
 # Short timers, so that the tests see shutdowns and refreshes within seconds.
+# Billing never closes periods on its own (BILLING_CLOSE_CHECK_INTERVAL_S=0): tests send
+# readings for past months and read their estimates; tests of closing turn it on (or run
+# close_period). Stack.env sets it too, for stacks given settings of their own.
 TEST_SETTINGS = {
+    "BILLING_CLOSE_CHECK_INTERVAL_S": "0",
     "BILLING_SHUTDOWN_GRACE_S": "2",
     "BILLING_CATALOG_REFRESH_S": "0.5",
     "ANALYTICS_BILLED_REFRESH_S": "1",
@@ -46,6 +50,9 @@ class Stack(ProcessStack):
     mongodb_url: str = MONGODB_URL
     redis_url: str = REDIS_URL
     settings: dict[str, str] = field(default_factory=lambda: dict(TEST_SETTINGS))
+
+    def env(self) -> dict[str, str]:
+        return {"BILLING_CLOSE_CHECK_INTERVAL_S": "0", **super().env()}
 
     def ledger(self) -> MongoLedger:
         return MongoLedger.connect(self.mongodb_url, self.database, timeout_s=5)
