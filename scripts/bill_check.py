@@ -13,12 +13,27 @@ repeated. The rules:
   used in the 15 minutes before its timestamp, on the UTC 15-minute grid (07:30:00 is in
   07:15-07:30, 07:30:01 in 07:30-07:45);
 - the period is the calendar month in the tariff's time zone;
+- a tariff has versions, each in force from its ``effective_from`` (a local date; the first
+  also before its date) until the next one's; the old form, prices at the tariff's top
+  level, is one version. Each local day of the period is priced by the version in force
+  then, a slot by that of its local start's day; consecutive days under one version make
+  a span, and with more than one span every line names its span ("... to 2026-11-14",
+  "... from 2026-11-15", "... from 2026-11-10 to 2026-11-14");
 - time-of-use: a slot's band is that of its local start time and weekday, one line per
-  band name in tariff order; tiered: the month's total is split across the tiers;
+  band name in tariff order, per span; tiered: the month's energy fills the tiers in slot
+  time order, each slot at its own version's tier reached (one version: the month's total
+  split across the tiers);
+- demand charge: one line, the highest slot (kWh x 4 = kW; of equal ones the earliest)
+  among slots whose version has a demand charge (and, if it lists bands, whose band is
+  listed), at that version's price per kW, counted in that slot's span; named by its local
+  time; 0 kW when no slot qualifies, no line when no version in the period has one;
+- lines in the order: energy (span by span), demand, standing charges, taxes;
 - standing charge per local day from the period's first day up to and including the day
-  of the bill's ``as_of`` (taken from the answer: billing sets it to min(now, period end));
+  of the bill's ``as_of`` (taken from the answer: billing sets it to min(now, period end)),
+  each span's days at its version's price;
 - each line rounded once, half up, to the currency's minor unit; subtotal = the sum of the
-  lines; tax = subtotal * rate, rounded; an account's total is its device bills' totals.
+  lines; tax per span = that span's lines' sum * its rate, rounded; an account's total is
+  its device bills' totals.
 """
 
 from __future__ import annotations
@@ -83,16 +98,34 @@ class Band:
 
 
 @dataclass(frozen=True)
-class Tariff:
-    id: str
-    currency: str
-    zone: ZoneInfo
+class Prices:
+    """One version of a tariff: its prices from ``effective_from`` on."""
+
+    effective_from: date | None  # a local date; None: from the beginning
     standing_per_day: Decimal
     tax_rate: Decimal
     kind: str  # flat, time_of_use or tiered
     flat_price: Decimal = Decimal(0)
     bands: tuple[Band, ...] = ()
     tiers: tuple[tuple[Decimal | None, Decimal], ...] = ()  # (up to kWh or None, price)
+    demand_per_kw: Decimal | None = None  # None: no demand charge
+    demand_bands: frozenset[str] | None = None  # None: every slot counts
+
+
+@dataclass(frozen=True)
+class Tariff:
+    id: str
+    currency: str
+    zone: ZoneInfo
+    versions: tuple[Prices, ...]
+
+    def prices_on(self, day: date) -> int:
+        """The index of the version in force on a local day."""
+        found = 0
+        for index, version in enumerate(self.versions):
+            if version.effective_from is None or version.effective_from <= day:
+                found = index
+        return found
 
 
 @dataclass(frozen=True)
@@ -130,19 +163,41 @@ def read_catalog(path: Path) -> Catalog:
         raise ValueError(f"{path}: not a tariff catalog the check can read: {error!r}") from None
 
 
+_PRICE_KEYS = ("standing_charge_per_day", "tax_rate", "energy", "demand")
+
+
 def _tariff(data: Mapping[str, Any]) -> Tariff:
-    energy = data["energy"]
-    kind = energy["kind"]
-    tariff = Tariff(
+    if "versions" in data:
+        versions = tuple(_prices(version, data["id"]) for version in data["versions"])
+    else:  # the one-version form: prices at the tariff's top level
+        versions = (_prices({key: data[key] for key in _PRICE_KEYS if key in data}, data["id"]),)
+    return Tariff(
         id=str(data["id"]),
         currency=data["currency"],
         zone=ZoneInfo(data["time_zone"]),
+        versions=versions,
+    )
+
+
+def _prices(data: Mapping[str, Any], tariff_id: Any) -> Prices:
+    energy = data["energy"]
+    kind = energy["kind"]
+    demand = data.get("demand")
+    when = data.get("effective_from")
+    prices = Prices(
+        effective_from=None if when is None else date.fromisoformat(str(when)),
         standing_per_day=Decimal(str(data.get("standing_charge_per_day", "0"))),
         tax_rate=Decimal(str(data.get("tax_rate", "0"))),
         kind=kind,
+        demand_per_kw=None if demand is None else Decimal(str(demand["price_per_kw"])),
+        demand_bands=(
+            None
+            if demand is None or demand.get("bands") is None
+            else frozenset(str(name) for name in demand["bands"])
+        ),
     )
     if kind == "flat":
-        return replace(tariff, flat_price=Decimal(str(energy["price_per_kwh"])))
+        return replace(prices, flat_price=Decimal(str(energy["price_per_kwh"])))
     if kind == "time_of_use":
         bands = tuple(
             Band(
@@ -154,7 +209,7 @@ def _tariff(data: Mapping[str, Any]) -> Tariff:
             )
             for band in energy["bands"]
         )
-        return replace(tariff, bands=bands)
+        return replace(prices, bands=bands)
     if kind == "tiered":
         tiers = tuple(
             (
@@ -163,8 +218,8 @@ def _tariff(data: Mapping[str, Any]) -> Tariff:
             )
             for tier in energy["tiers"]
         )
-        return replace(tariff, tiers=tiers)
-    raise ValueError(f"tariff {data['id']!r}: unknown energy kind {kind!r}")
+        return replace(prices, tiers=tiers)
+    raise ValueError(f"tariff {tariff_id!r}: unknown energy kind {kind!r}")
 
 
 def _minutes(hhmm: str) -> int:
@@ -291,6 +346,42 @@ def standing_days(period: Period, zone: ZoneInfo, as_of: datetime) -> int:
     return (as_of.astimezone(zone).date() - period.first_day).days + 1
 
 
+@dataclass(frozen=True)
+class _Span:
+    """Consecutive local days of the period under one version: [first, last]."""
+
+    prices: Prices
+    first: date
+    last: date
+
+
+def _spans(tariff: Tariff, period: Period) -> list[_Span]:
+    """Walk the period's local days; a new span wherever the version in force changes."""
+    spans: list[_Span] = []
+    current = -1
+    for offset in range(period.days):
+        day = period.first_day + timedelta(days=offset)
+        index = tariff.prices_on(day)
+        if index != current:
+            spans.append(_Span(tariff.versions[index], day, day))
+            current = index
+        else:
+            spans[-1] = replace(spans[-1], last=day)
+    return spans
+
+
+def _named(spans: Sequence[_Span], number: int) -> str:
+    """The suffix naming a span in its lines, when there is more than one."""
+    if len(spans) == 1:
+        return ""
+    span = spans[number]
+    if number == 0:
+        return f" to {span.last.isoformat()}"
+    if number == len(spans) - 1:
+        return f" from {span.first.isoformat()}"
+    return f" from {span.first.isoformat()} to {span.last.isoformat()}"
+
+
 def expected_bill(
     tariff: Tariff, period: Period, readings: Iterable[LedgerReading], as_of: datetime
 ) -> ExpectedBill:
@@ -300,16 +391,37 @@ def expected_bill(
         start = slot_start(reading.timestamp)
         if period.start <= start < period.end:
             slots[start] += milliwh(reading.usage_kwh)
-    days = Decimal(standing_days(period, tariff.zone, as_of))
-    priced = [*_energy(tariff, slots), ("Standing charge", days, "day", tariff.standing_per_day)]
+    spans = _spans(tariff, period)
+    span_of = {  # local day -> span number
+        span.first + timedelta(days=offset): number
+        for number, span in enumerate(spans)
+        for offset in range((span.last - span.first).days + 1)
+    }
+    slot_span = {start: span_of[start.astimezone(tariff.zone).date()] for start in slots}
+    energy = _energy(tariff, spans, slots, slot_span)
+    demand = _demand(tariff, spans, slots, slot_span)
+    standing_until = period.first_day + timedelta(days=standing_days(period, tariff.zone, as_of))
+    standing: list[tuple[int, Priced]] = []
+    for number, span in enumerate(spans):
+        days = (min(span.last + timedelta(days=1), standing_until) - span.first).days
+        description = f"Standing charge{_named(spans, number)}"
+        standing.append(
+            (number, (description, Decimal(max(0, days)), "day", span.prices.standing_per_day))
+        )
     lines, subtotal = [], money(Decimal(0), tariff.currency)
-    for description, quantity, unit, price in priced:
+    span_sums = [money(Decimal(0), tariff.currency) for _ in spans]
+    for number, (description, quantity, unit, price) in [*energy, *demand, *standing]:
         amount = money(quantity * price, tariff.currency)
         lines.append(Line(description, plain(quantity), unit, str(price), str(amount)))
         subtotal += amount
-    tax = money(subtotal * tariff.tax_rate, tariff.currency)
-    percent = plain(tariff.tax_rate * 100)
-    lines.append(Line(f"Tax {percent}%", str(subtotal), "", str(tariff.tax_rate), str(tax)))
+        span_sums[number] += amount
+    tax = money(Decimal(0), tariff.currency)
+    for number, span in enumerate(spans):
+        rate = span.prices.tax_rate
+        span_tax = money(span_sums[number] * rate, tariff.currency)
+        description = f"Tax {plain(rate * 100)}%{_named(spans, number)}"
+        lines.append(Line(description, str(span_sums[number]), "", str(rate), str(span_tax)))
+        tax += span_tax
     return ExpectedBill(
         tariff_id=tariff.id,
         currency=tariff.currency,
@@ -329,37 +441,98 @@ def _kwh(milliwatt_hours: int) -> Decimal:
 Priced = tuple[str, Decimal, str, Decimal]  # description, quantity, unit, unit price
 
 
-def _energy(tariff: Tariff, slots: Mapping[datetime, int]) -> list[Priced]:
-    """The energy lines before rounding."""
-    if tariff.kind == "flat":
-        return [("Energy", _kwh(sum(slots.values())), "kWh", tariff.flat_price)]
-    if tariff.kind == "time_of_use":
-        by_name: dict[str, int] = {}
-        prices: dict[str, Decimal] = {}
-        for band in tariff.bands:  # tariff order; a band written in pieces is one line
-            by_name.setdefault(band.name, 0)
-            prices.setdefault(band.name, band.price)
-        for start, energy in slots.items():
-            by_name[_band_at(tariff, start).name] += energy
-        return [(f"Energy ({n})", _kwh(e), "kWh", prices[n]) for n, e in by_name.items()]
-    total = _kwh(sum(slots.values()))
-    lines: list[Priced] = []
-    lower = Decimal(0)
-    for up_to, price in tariff.tiers:
-        top = total if up_to is None else min(total, up_to)
-        if up_to is None:
-            description = f"Energy above {plain(lower)} kWh"
+def _energy(
+    tariff: Tariff,
+    spans: Sequence[_Span],
+    slots: Mapping[datetime, int],
+    slot_span: Mapping[datetime, int],
+) -> list[tuple[int, Priced]]:
+    """The energy lines before rounding, span by span, each with its span's number."""
+    # Tiers: walk every slot of the period in time order, filling the tiers of its version
+    # from the period's energy so far.
+    filled: dict[tuple[int, int], Decimal] = defaultdict(Decimal)  # (span, tier) -> kWh
+    so_far = Decimal(0)
+    for start in sorted(slots):
+        energy, number = _kwh(slots[start]), slot_span[start]
+        prices = spans[number].prices
+        if prices.kind == "tiered":
+            lower = Decimal(0)
+            for tier, (up_to, _) in enumerate(prices.tiers):
+                top = so_far + energy if up_to is None else min(so_far + energy, up_to)
+                filled[number, tier] += max(Decimal(0), top - max(so_far, lower))
+                lower = up_to if up_to is not None else lower
+        so_far += energy
+    priced: list[tuple[int, Priced]] = []
+    for number, span in enumerate(spans):
+        prices, named = span.prices, _named(spans, number)
+        own = {start: energy for start, energy in slots.items() if slot_span[start] == number}
+        if prices.kind == "flat":
+            total = _kwh(sum(own.values()))
+            priced.append((number, (f"Energy{named}", total, "kWh", prices.flat_price)))
+        elif prices.kind == "time_of_use":
+            by_name: dict[str, int] = {}
+            band_prices: dict[str, Decimal] = {}
+            for band in prices.bands:  # tariff order; a band written in pieces is one line
+                by_name.setdefault(band.name, 0)
+                band_prices.setdefault(band.name, band.price)
+            for start, energy in own.items():
+                by_name[_band_at(tariff, prices, start).name] += energy
+            priced += [
+                (number, (f"Energy ({n}){named}", _kwh(e), "kWh", band_prices[n]))
+                for n, e in by_name.items()
+            ]
         else:
-            description = f"Energy {plain(lower)}-{plain(up_to)} kWh"
-        lines.append((description, max(Decimal(0), top - lower), "kWh", price))
-        lower = up_to if up_to is not None else lower
-    return lines
+            lower = Decimal(0)
+            for tier, (up_to, price) in enumerate(prices.tiers):
+                if up_to is None:
+                    description = f"Energy above {plain(lower)} kWh{named}"
+                else:
+                    description = f"Energy {plain(lower)}-{plain(up_to)} kWh{named}"
+                priced.append((number, (description, filled[number, tier], "kWh", price)))
+                lower = up_to if up_to is not None else lower
+    return priced
 
 
-def _band_at(tariff: Tariff, slot: datetime) -> Band:
+def _demand(
+    tariff: Tariff,
+    spans: Sequence[_Span],
+    slots: Mapping[datetime, int],
+    slot_span: Mapping[datetime, int],
+) -> list[tuple[int, Priced]]:
+    """The demand line before rounding (none when no version in the period has one)."""
+    charged = [n for n, span in enumerate(spans) if span.prices.demand_per_kw is not None]
+    if not charged:
+        return []
+    candidates = []
+    for start, energy in slots.items():
+        prices = spans[slot_span[start]].prices
+        if prices.demand_per_kw is None:
+            continue
+        if prices.demand_bands is not None:
+            if _band_at(tariff, prices, start).name not in prices.demand_bands:
+                continue
+        candidates.append((-energy, start))  # the highest, then the earliest
+    if not candidates:
+        price = spans[charged[0]].prices.demand_per_kw
+        assert price is not None
+        return [(charged[0], ("Demand charge", Decimal(0), "kW", price))]
+    energy, start = min(candidates)
+    number = slot_span[start]
+    price = spans[number].prices.demand_per_kw
+    assert price is not None
+    local_start = start.astimezone(tariff.zone)
+    local_end = (start + timedelta(microseconds=SLOT_US)).astimezone(tariff.zone)
+    name = (
+        f"Demand charge (peak {local_start.strftime('%Y-%m-%d %H:%M')}-"
+        f"{local_end.strftime('%H:%M')} {tariff.zone.key})"
+    )
+    return [(number, (name, _kwh(-energy) * 4, "kW", price))]
+
+
+def _band_at(tariff: Tariff, prices: Prices, slot: datetime) -> Band:
     local = slot.astimezone(tariff.zone)
     minute = local.hour * 60 + local.minute
-    for band in tariff.bands:
+    for band in prices.bands:
         if local.weekday() in band.days and band.start_minute <= minute < band.end_minute:
             return band
     raise ValueError(f"tariff {tariff.id!r}: no band holds {local.isoformat()}")

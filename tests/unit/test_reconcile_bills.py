@@ -109,10 +109,11 @@ def lines(bill: ExpectedBill) -> list[tuple[str, str, str, str, str]]:
 
 
 def test_numbers_are_read_as_written(catalog: Catalog) -> None:
-    flat = catalog.tariffs["flat"]
+    (flat,) = catalog.tariffs["flat"].versions  # the one-version form
     assert str(flat.flat_price) == "0.30"  # not 0.3, not 0.299999...
     assert (flat.standing_per_day, flat.tax_rate) == (Decimal("0.45"), Decimal("0.19"))
-    assert catalog.tariffs["tiered"].tiers[2] == (None, Decimal("0.24"))
+    assert flat.effective_from is None
+    assert catalog.tariffs["tiered"].versions[0].tiers[2] == (None, Decimal("0.24"))
     assert catalog.tariff_of("not-listed").id == "flat"  # the default tariff
     assert catalog.account_devices == {"acct-a": ["m-flat", "m-tou"], "acct-b": ["m-tiered"]}
 
