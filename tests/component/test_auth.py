@@ -172,6 +172,8 @@ async def test_no_wrong_revoked_or_foreign_token_publishes_nothing(
     await refused(gateway.stub(other).GetLatestReading(read), Code.PERMISSION_DENIED)
     account = billing_pb2.GetAccountBillRequest(account_id="acme", period="2026-10")
     await refused(gateway.stub(other).GetAccountBill(account), Code.PERMISSION_DENIED)
+    bills = billing_pb2.ListBillsRequest(account_id="acme")
+    await refused(gateway.stub(other).ListBills(bills), Code.PERMISSION_DENIED)
 
     # The gateway did log these calls (else the check below would pass on nothing).
     assert any(r.name.startswith("api_gateway") for r in caplog.records)

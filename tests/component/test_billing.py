@@ -51,7 +51,7 @@ def settings(prefix: str, mongodb_url: str = MONGODB_URL, **overrides: object) -
         shutdown_grace_s=1,
         rabbitmq_url=RABBITMQ_URL,
         redis_url=REDIS_URL,
-        **overrides,
+        **{"close_check_interval_s": 0, **overrides},  # tests close periods themselves
     )
 
 

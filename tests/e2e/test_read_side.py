@@ -102,6 +102,21 @@ async def test_bill_usage_latest_and_pages_read_back_through_the_gateway(stack: 
             billing_pb2.GetAccountBillRequest(account_id="household", period=PERIOD), timeout=10
         )
         assert account.total == bill.total
+        # Forwarded to billing; the test stack never closes a period on its own, so last
+        # month is still an estimate and no bill is issued.
+        assert account.status == billing_pb2.BILL_STATUS_ESTIMATE
+        listed_bills = await stub.ListBills(
+            billing_pb2.ListBillsRequest(account_id="household"), timeout=10
+        )
+        assert list(listed_bills.bills) == [] and not listed_bills.next_page_token
+        try:
+            await stub.ListBills(
+                billing_pb2.ListBillsRequest(account_id="household", page_size=1000), timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            raise AssertionError("a page of 1000 bills was answered")
 
         usage_request = billing_pb2.GetUsageRequest(device_id="home-meter", window="1h")
         usage_request.start.FromDatetime(readings[0].timestamp - timedelta(hours=1))
