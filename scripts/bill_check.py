@@ -465,7 +465,7 @@ def _energy(
     priced: list[tuple[int, Priced]] = []
     for number, span in enumerate(spans):
         prices, named = span.prices, _named(spans, number)
-        own = {start: energy for start, energy in slots.items() if slot_span[start] == number}
+        own = {start: used for start, used in slots.items() if slot_span[start] == number}
         if prices.kind == "flat":
             total = _kwh(sum(own.values()))
             priced.append((number, (f"Energy{named}", total, "kWh", prices.flat_price)))
@@ -475,8 +475,8 @@ def _energy(
             for band in prices.bands:  # tariff order; a band written in pieces is one line
                 by_name.setdefault(band.name, 0)
                 band_prices.setdefault(band.name, band.price)
-            for start, energy in own.items():
-                by_name[_band_at(tariff, prices, start).name] += energy
+            for start, used in own.items():
+                by_name[_band_at(tariff, prices, start).name] += used
             priced += [
                 (number, (f"Energy ({n}){named}", _kwh(e), "kWh", band_prices[n]))
                 for n, e in by_name.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from decimal import Decimal
 
 import pytest
 
@@ -64,7 +65,8 @@ def test_the_old_form_loads_as_one_version_from_the_beginning() -> None:
     tariff = parse_catalog(VERSIONED, "t.yaml").tariff("old-form")
     (version,) = tariff.versions
     assert version.effective_from is None
-    assert version.energy == FlatEnergy(kind="flat", price_per_kwh=tariff.energy.price_per_kwh)
+    assert version.energy == FlatEnergy(kind="flat", price_per_kwh=Decimal("0.32"))
+    assert tariff.energy is version.energy  # the latest version's, for older code
     assert str(version.standing_charge_per_day) == "0.45" and str(version.tax_rate) == "0.19"
     assert version.demand is None
     assert tariff.version_on(date(1999, 1, 1)) is version
