@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,12 @@ from tests.e2e.conftest import Stack
 ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()
 SAMPLE_CATALOG = ROOT / "deployments" / "tariffs.yaml"
-EXAMPLES = re.findall(r"```sh\n(grpcurl .*?)```\n```text\n(.*?)```", README, flags=re.S)
+# grpcurl calls, and `make close-period`, run as the Python command it runs (its output is
+# the command's, without make's echo of the recipe).
+EXAMPLES = re.findall(
+    r"```sh\n((?:grpcurl|make close-period) .*?)```\n```text\n(.*?)```", README, flags=re.S
+)
+CLOSE_PERIOD = re.compile(r"make close-period PERIOD=(\S+) ACCOUNT=(\S+)")
 
 
 def grpcurl_path() -> str:
@@ -42,15 +48,27 @@ READS = ("GetLatestReading", "GetDeviceBill", "GetUsage", "ListReadings")
 
 def test_the_readme_has_the_examples() -> None:
     commands = " ".join(command for command, _ in EXAMPLES)
-    assert len(EXAMPLES) == 11
+    assert len(EXAMPLES) == 17
     assert all(
         name in commands
-        for name in ("list", "RegisterDevice", "/SendReading\n", "/SendReadings", "Health", *READS)
+        for name in (
+            "list",
+            "RegisterDevice",
+            "/SendReading\n",
+            "/SendReadings",
+            "Health",
+            "make close-period",
+            *READS,
+        )
     )
 
 
 # What the README shows in place of a generated token's parts.
-TOKEN_PLACEHOLDERS = {"<key id>": "[0-9a-f]{16}", "<secret>": "[A-Za-z0-9_-]{43}"}
+TOKEN_PLACEHOLDERS = {
+    "<key id>": "[0-9a-f]{16}",
+    "<secret>": "[A-Za-z0-9_-]{43}",
+    "<issued at>": r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z",
+}
 
 
 def expected_pattern(expected: str) -> re.Pattern[str]:
@@ -89,23 +107,44 @@ async def test_the_readme_examples_print_what_the_readme_says_in_order(
     one example sends with its token in the next), so its order is part of it, whatever
     order the suite runs in."""
     issued: dict[str, str] = {}
+    accepted = 0  # readings the examples sent so far: a read waits until billing has them
     for number, (command, expected) in enumerate(EXAMPLES, start=1):
-        text, returncode = await run_example(seeded, command, issued, tmp_path_factory)
+        text, returncode = await run_example(
+            seeded, command, issued, accepted, tmp_path_factory
+        )
         where = f"README example {number} ({command.splitlines()[0][:60]})"
         assert expected_pattern(expected).fullmatch(text), f"{where}:\n{text}\n!=\n{expected}"
         assert returncode == grpcurl_exit_code(expected), where
         if "RegisterDevice" in command:
             issued["token"] = json.loads(text)["token"]
+        if returncode == 0 and command.rstrip().endswith("/SendReading"):
+            accepted += 1
+        if returncode == 0 and "/SendReadings" in command:
+            accepted += json.loads(text)["accepted"]
 
 
 async def run_example(
-    stack: Stack, command: str, issued: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    stack: Stack,
+    command: str,
+    issued: dict[str, str],
+    accepted: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[str, int | None]:
     """Run one README command against the stack as a shell would; its output and exit code."""
-    if any(read in command for read in READS):
-        # The read examples follow three accepted readings; let billing catch up first.
-        await wait_until(lambda: billed(stack, 3), what="the README's readings billed")
+    if any(read in command for read in READS) or CLOSE_PERIOD.match(command):
+        # Reads and closes follow accepted readings; let billing catch up first.
+        await wait_until(lambda: billed(stack, accepted), what="the README's readings billed")
         await asyncio.sleep(1)  # billing reloads the seeded catalog every 0.5 s
+    close = CLOSE_PERIOD.fullmatch(command.strip())
+    if close:
+        period, account = close.groups()
+        python = f"{sys.executable} -m billing_service.close_period {period} --account {account}"
+        process = await asyncio.create_subprocess_exec(
+            *python.split(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            cwd=ROOT, env=stack.env(),
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        return output.decode().strip(), process.returncode
     command = command.replace("localhost:50051", stack.gateway).replace(
         "grpcurl ", f"{grpcurl_path()} ", 1
     )

@@ -30,7 +30,17 @@ from billing_service.domain.ledger import slot_start
 from billing_service.domain.tariff import Tariff, minor_units
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[2] / "deployments" / "tariffs.yaml")
-STANDARD = CATALOG.tariff("standard")  # EUR Berlin, 0.32/kWh, 0.45/day, tax 19%
+# The sample's standard tariff before its price change of 2026-11-16 (one version).
+STANDARD = Tariff.model_validate(
+    {
+        "id": "standard",
+        "currency": "EUR",
+        "time_zone": "Europe/Berlin",
+        "standing_charge_per_day": "0.45",
+        "tax_rate": "0.19",
+        "energy": {"kind": "flat", "price_per_kwh": "0.32"},
+    }
+)  # EUR Berlin, 0.32/kWh, 0.45/day, tax 19%
 ECONOMY7 = CATALOG.tariff("peak-offpeak")  # GBP London, off-peak 00:30-07:30 0.15, peak 0.30
 TIERED = CATALOG.tariff("tiered-residential")  # USD New York, 500 @0.14, 500 @0.18, @0.24
 NIGHT_DAY = Tariff.model_validate(

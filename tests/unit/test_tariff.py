@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -98,11 +99,13 @@ def test_the_sample_catalog_loads() -> None:
     assert catalog.default_tariff == "standard"
     standard = catalog.tariff("standard")
     assert (standard.currency, standard.time_zone) == ("EUR", "Europe/Berlin")
-    assert standard.energy == FlatEnergy(kind="flat", price_per_kwh=Decimal("0.32"))
-    assert (standard.standing_charge_per_day, standard.tax_rate) == (
-        Decimal("0.45"),
-        Decimal("0.19"),
-    )
+    first, changed = standard.versions  # the price change of 16 November 2026
+    assert first.effective_from is None and changed.effective_from == date(2026, 11, 16)
+    assert first.energy == FlatEnergy(kind="flat", price_per_kwh=Decimal("0.32"))
+    assert changed.energy == FlatEnergy(kind="flat", price_per_kwh=Decimal("0.29"))
+    assert (first.standing_charge_per_day, first.tax_rate) == (Decimal("0.45"), Decimal("0.19"))
+    demand = catalog.tariff("business-demand").demand
+    assert demand is not None and demand.price_per_kw == Decimal("8.50")
     economy7 = catalog.tariff("peak-offpeak").energy
     assert isinstance(economy7, TimeOfUseEnergy)
     assert {band.name for band in economy7.bands} == {"peak", "off-peak"}
@@ -111,6 +114,7 @@ def test_the_sample_catalog_loads() -> None:
     assert isinstance(tiered, TieredEnergy)
     assert [tier.up_to_kwh for tier in tiered.tiers] == [Decimal(500), Decimal(1000), None]
     assert len(catalog.accounts) == 3 and len(catalog.devices) == 6
+    assert catalog.tariff_for("meter-002").id == "business-demand"
     meter = catalog.device("meter-001")
     assert meter is not None and meter.tariff == "standard"
     assert [d.id for d in catalog.devices_of(meter.account)] == ["meter-001", "meter-002"]
