@@ -29,7 +29,7 @@ dev up down down-delete-data: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 up down down-delete-data: export RABBITMQ_PASSWORD = $(shell cat $(RABBITMQ_PASSWORD_FILE))
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
+.PHONY: help install proto services browser dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ $(RABBITMQ_PASSWORD_FILE):
 
 services: ## Install (when missing) and start RabbitMQ, Redis, SecantusDB (MongoDB wire), Prometheus, grpcurl locally
 	bash scripts/services.sh
+
+browser: ## Install (when missing) Debian's chromium and chromium-driver for the browser tests
+	bash scripts/browser.sh
 
 dev: proto services $(ADMIN_TOKEN_FILE) ## Run the four services as local processes (Ctrl-C stops them)
 	$(PY) -m scripts.seed --if-empty $(CATALOG)
@@ -113,7 +116,7 @@ bench-billing: proto services ## How fast billing drains a queue of 5,000 readin
 
 # In a random order (pytest-randomly prints the seed): PYTEST_ARGS=--randomly-seed=N repeats
 # one, PYTEST_ARGS="-p no:randomly" keeps the files' order.
-test: proto services bench-tools helm-tools ## Everything, in random order: unit, component (real servers), end to end, compose checks
+test: proto services browser bench-tools helm-tools ## Everything, in random order: unit, component (real servers), end to end, compose checks
 	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-unit: proto ## Only the tests that need no server

@@ -109,9 +109,7 @@ async def test_the_readme_examples_print_what_the_readme_says_in_order(
     issued: dict[str, str] = {}
     accepted = 0  # readings the examples sent so far: a read waits until billing has them
     for number, (command, expected) in enumerate(EXAMPLES, start=1):
-        text, returncode = await run_example(
-            seeded, command, issued, accepted, tmp_path_factory
-        )
+        text, returncode = await run_example(seeded, command, issued, accepted, tmp_path_factory)
         where = f"README example {number} ({command.splitlines()[0][:60]})"
         assert expected_pattern(expected).fullmatch(text), f"{where}:\n{text}\n!=\n{expected}"
         assert returncode == grpcurl_exit_code(expected), where
@@ -140,8 +138,11 @@ async def run_example(
         period, account = close.groups()
         python = f"{sys.executable} -m billing_service.close_period {period} --account {account}"
         process = await asyncio.create_subprocess_exec(
-            *python.split(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT, env=stack.env(),
+            *python.split(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=ROOT,
+            env=stack.env(),
         )
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
         return output.decode().strip(), process.returncode
