@@ -74,6 +74,24 @@ class BillingServicer(billing_pb2_grpc.BillingServicer):
             next_page_token=token,
         )
 
+    async def GetDeviceAccount(
+        self, request: billing_pb2.GetDeviceAccountRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetDeviceAccountResponse:
+        async with _statuses(context):
+            account_id = self._queries.device_account(request.device_id)
+        return billing_pb2.GetDeviceAccountResponse(
+            device_id=request.device_id, account_id=account_id
+        )
+
+    async def GetAccount(
+        self, request: billing_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetAccountResponse:
+        async with _statuses(context):
+            account, device_count = self._queries.account(request.account_id)
+        return billing_pb2.GetAccountResponse(
+            account_id=account.id, name=account.name, device_count=device_count
+        )
+
     async def GetUsage(
         self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetUsageResponse:

@@ -37,7 +37,13 @@ from billing_service.domain.bill import (
     period_of_month,
 )
 from billing_service.domain.ledger import SlotKey, Total, TransientFailure
-from billing_service.domain.tariff import Catalog, CatalogError, Tariff, closed_period_problems
+from billing_service.domain.tariff import (
+    Account,
+    Catalog,
+    CatalogError,
+    Tariff,
+    closed_period_problems,
+)
 from billing_service.domain.usage import InvalidQuery, UsageBucket
 from common.models import ID_PATTERN, ID_RULE, Reading
 
@@ -210,6 +216,24 @@ class BillingQueries:
                 device.id, tariff, period, as_of, catalog, earlier
             )
         return combine_bills(account_id, bills)
+
+    def device_account(self, device_id: str) -> str:
+        """The account the catalog bills the device to; empty when it does not list it."""
+        check_id("device_id", device_id)
+        device = self._catalog.require().device(device_id)
+        return device.account if device is not None else ""
+
+    def account(self, account_id: str) -> tuple[Account, int]:
+        """The catalog's account and how many devices it bills to it; NotFound otherwise."""
+        check_id("account_id", account_id)
+        catalog = self._catalog.require()
+        found = next((a for a in catalog.accounts if a.id == account_id), None)
+        if found is None:
+            raise NotFound(
+                f"account {account_id!r} is not in billing's tariff catalog; add it to the "
+                "catalog and load it with `make seed`"
+            )
+        return found, len(catalog.devices_of(account_id))
 
     async def list_bills(
         self, account_id: str, page_size: int, page_token: str
