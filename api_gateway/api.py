@@ -19,19 +19,19 @@ from prometheus_client import Counter
 from api_gateway.adapters.billing import BillingClient
 from api_gateway.adapters.credentials import (
     CredentialStoreUnavailable,
-    DeviceExists,
     MongoCredentialStore,
-    UnknownDevice,
+    NoToken,
+    TokenExists,
 )
 from api_gateway.adapters.ingestion import IngestionClient
-from api_gateway.auth import Principal
+from api_gateway.auth import Principal, Subject, TokenKind
 from api_gateway.batcher import BatcherClosed, UnaryBatcher
 from api_gateway.guard import Guard
 from api_gateway.identity import caller
 from api_gateway.reads import READS, ReadForwarder
 from api_gateway.upstream import abort_upstream_failure
 from common.convert import reading_from_proto
-from common.energy.v1 import gateway_pb2, gateway_pb2_grpc
+from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc
 from common.errors import Reason, reason_of
 from common.models import ID_PATTERN, ID_RULE, InvalidReading, Limits, Reading
 
@@ -78,6 +78,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.SendReadingRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SendReadingResponse:
         principal = caller()
+        await self._guard.require_sender(principal, context)
         try:
             reading = self._validate(request)
         except InvalidReading as error:
@@ -97,6 +98,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
     ) -> gateway_pb2.SendReadingsResponse:
         principal = caller()
+        await self._guard.require_sender(principal, context)
         response = gateway_pb2.SendReadingsResponse()
         rejected_count = 0
         batch: list[Reading] = []
@@ -186,65 +188,127 @@ def _accepted_note(accepted: int) -> str:
 
 
 class DeviceAdminServicer(gateway_pb2_grpc.DeviceAdminServicer):
-    """Issue, rotate and revoke device tokens; every call needs the admin token, which
-    ``api_gateway.identity.AuthInterceptor`` checks before a handler runs."""
+    """Issue, rotate and revoke device and account tokens; every call needs the admin token,
+    which ``api_gateway.identity.AuthInterceptor`` checks before a handler runs. An account
+    token is issued (or rotated) only for an account billing's catalog lists."""
 
-    def __init__(self, store: MongoCredentialStore) -> None:
+    def __init__(self, store: MongoCredentialStore, billing: BillingClient) -> None:
         self._store = store
+        self._billing = billing
 
     async def RegisterDevice(
         self, request: gateway_pb2.RegisterDeviceRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.DeviceTokenResponse:
-        await self._checked(request.device_id, context)
-        try:
-            issued = await self._store.register(request.device_id)
-        except DeviceExists:
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"device {request.device_id!r} already has a token; use RotateDeviceToken "
-                "to replace it",
-            )
-        except CredentialStoreUnavailable:
-            await _store_unavailable(context)
-        log.info("device registered", extra={"device_id": request.device_id})
-        return gateway_pb2.DeviceTokenResponse(device_id=request.device_id, token=issued.token)
+        subject = await self._checked(TokenKind.DEVICE, request.device_id, context)
+        token = await self._register(subject, context)
+        return gateway_pb2.DeviceTokenResponse(device_id=subject.id, token=token)
 
     async def RotateDeviceToken(
         self, request: gateway_pb2.RotateDeviceTokenRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.DeviceTokenResponse:
-        await self._checked(request.device_id, context)
-        try:
-            issued = await self._store.rotate(request.device_id)
-        except UnknownDevice:
-            await _unknown_device(request.device_id, context)
-        except CredentialStoreUnavailable:
-            await _store_unavailable(context)
-        log.info("device token rotated", extra={"device_id": request.device_id})
-        return gateway_pb2.DeviceTokenResponse(device_id=request.device_id, token=issued.token)
+        subject = await self._checked(TokenKind.DEVICE, request.device_id, context)
+        token = await self._rotate(subject, context)
+        return gateway_pb2.DeviceTokenResponse(device_id=subject.id, token=token)
 
     async def RevokeDevice(
         self, request: gateway_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RevokeDeviceResponse:
-        await self._checked(request.device_id, context)
+        subject = await self._checked(TokenKind.DEVICE, request.device_id, context)
+        await self._revoke(subject, context)
+        return gateway_pb2.RevokeDeviceResponse(device_id=subject.id)
+
+    async def IssueAccountToken(
+        self, request: gateway_pb2.IssueAccountTokenRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.AccountTokenResponse:
+        subject = await self._checked(TokenKind.ACCOUNT, request.account_id, context)
+        await self._require_catalog_account(subject.id, context)
+        token = await self._register(subject, context)
+        return gateway_pb2.AccountTokenResponse(account_id=subject.id, token=token)
+
+    async def RotateAccountToken(
+        self, request: gateway_pb2.RotateAccountTokenRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.AccountTokenResponse:
+        subject = await self._checked(TokenKind.ACCOUNT, request.account_id, context)
+        await self._require_catalog_account(subject.id, context)
+        token = await self._rotate(subject, context)
+        return gateway_pb2.AccountTokenResponse(account_id=subject.id, token=token)
+
+    async def RevokeAccountToken(
+        self, request: gateway_pb2.RevokeAccountTokenRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RevokeAccountTokenResponse:
+        # No catalog check: a token of an account gone from the catalog must stay revocable.
+        subject = await self._checked(TokenKind.ACCOUNT, request.account_id, context)
+        await self._revoke(subject, context)
+        return gateway_pb2.RevokeAccountTokenResponse(account_id=subject.id)
+
+    async def _register(self, subject: Subject, context: grpc.aio.ServicerContext) -> str:
         try:
-            await self._store.revoke(request.device_id)
-        except UnknownDevice:
-            await _unknown_device(request.device_id, context)
+            issued = await self._store.register(subject)
+        except TokenExists:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"{subject.description} already has a token; use "
+                f"{_ROTATE[subject.kind]} to replace it",
+            )
         except CredentialStoreUnavailable:
             await _store_unavailable(context)
-        log.info("device token revoked", extra={"device_id": request.device_id})
-        return gateway_pb2.RevokeDeviceResponse(device_id=request.device_id)
+        log.info(
+            "token issued", extra={"kind": subject.kind.value, f"{subject.kind}_id": subject.id}
+        )
+        return issued.token
 
-    async def _checked(self, device_id: str, context: grpc.aio.ServicerContext) -> None:
-        if not ID_PATTERN.fullmatch(device_id):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"device_id: {device_id[:64]!r}: use {ID_RULE}"
+    async def _rotate(self, subject: Subject, context: grpc.aio.ServicerContext) -> str:
+        try:
+            issued = await self._store.rotate(subject)
+        except NoToken:
+            await _no_token(subject, context)
+        except CredentialStoreUnavailable:
+            await _store_unavailable(context)
+        log.info(
+            "token rotated", extra={"kind": subject.kind.value, f"{subject.kind}_id": subject.id}
+        )
+        return issued.token
+
+    async def _revoke(self, subject: Subject, context: grpc.aio.ServicerContext) -> None:
+        try:
+            await self._store.revoke(subject)
+        except NoToken:
+            await _no_token(subject, context)
+        except CredentialStoreUnavailable:
+            await _store_unavailable(context)
+        log.info(
+            "token revoked", extra={"kind": subject.kind.value, f"{subject.kind}_id": subject.id}
+        )
+
+    async def _require_catalog_account(
+        self, account_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Billing answers NOT_FOUND (with what to do) for an account its catalog lacks."""
+        try:
+            await self._billing.call(
+                "GetAccount", billing_pb2.GetAccountRequest(account_id=account_id)
             )
+        except grpc.aio.AioRpcError as error:
+            await abort_upstream_failure(context, "billing", error)
+
+    async def _checked(
+        self, kind: TokenKind, subject_id: str, context: grpc.aio.ServicerContext
+    ) -> Subject:
+        if not ID_PATTERN.fullmatch(subject_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{kind}_id: {subject_id[:64]!r}: use {ID_RULE}"
+            )
+        return Subject(kind, subject_id)
 
 
-async def _unknown_device(device_id: str, context: grpc.aio.ServicerContext) -> None:
+_REGISTER = {TokenKind.DEVICE: "RegisterDevice", TokenKind.ACCOUNT: "IssueAccountToken"}
+_ROTATE = {TokenKind.DEVICE: "RotateDeviceToken", TokenKind.ACCOUNT: "RotateAccountToken"}
+
+
+async def _no_token(subject: Subject, context: grpc.aio.ServicerContext) -> None:
     await context.abort(
-        grpc.StatusCode.NOT_FOUND, f"device {device_id!r} has no token; use RegisterDevice"
+        grpc.StatusCode.NOT_FOUND,
+        f"{subject.description} has no token; use {_REGISTER[subject.kind]}",
     )
 
 

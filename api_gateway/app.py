@@ -1,18 +1,24 @@
-"""Composition root of api_gateway: ingestion client, public gRPC server, metrics."""
+"""Composition root of api_gateway: ingestion client, public gRPC server, HTTP/JSON server,
+metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 
 from redis.asyncio import Redis
 
-from api_gateway.adapters.billing import BillingClient
+from api_gateway.adapters.billing import BillingClient, DeviceAccounts
 from api_gateway.adapters.credentials import MongoCredentialStore
 from api_gateway.adapters.ingestion import IngestionClient
 from api_gateway.api import DeviceAdminServicer, GatewayServicer
 from api_gateway.auth import Authenticator
 from api_gateway.batcher import UnaryBatcher
 from api_gateway.guard import Guard
+from api_gateway.http.server import HttpServer
 from api_gateway.identity import ADMIN_TOKEN, ANY_TOKEN, AuthInterceptor
 from api_gateway.ratelimit import RedisRateLimiter
 from api_gateway.settings import GatewaySettings
@@ -65,9 +71,11 @@ class GatewayApp:
             settings.auth_enabled,
             limiter,
             settings.rate_limits,
+            # Account tokens read their account's devices: the catalog's answers, cached.
+            DeviceAccounts(self.billing, settings.auth_cache_ttl_s),
         )
-        # Every Gateway call needs a token (device or admin), every DeviceAdmin call the
-        # admin's; health and reflection need none.
+        # Every Gateway call needs a token (device, account or admin), every DeviceAdmin call
+        # the admin's; health and reflection need none.
         auth = AuthInterceptor(guard, {SERVICE_NAME: ANY_TOKEN, ADMIN_SERVICE_NAME: ADMIN_TOKEN})
         self.grpc = GrpcServer(
             [SERVICE_NAME, ADMIN_SERVICE_NAME],
@@ -89,9 +97,22 @@ class GatewayApp:
         )
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, self.grpc.server)
         gateway_pb2_grpc.add_DeviceAdminServicer_to_server(
-            DeviceAdminServicer(self.credentials), self.grpc.server
+            DeviceAdminServicer(self.credentials, self.billing), self.grpc.server
+        )
+        # The HTTP server calls this same gRPC server over a unix socket in a private folder
+        # (mode 0700): every interceptor and check runs for HTTP callers as for gRPC ones,
+        # with no TLS and no port of its own.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="gateway-"))
+        socket = f"unix:{self._socket_dir / 'grpc.sock'}"
+        self.grpc.server.add_insecure_port(socket)
+        self.http = HttpServer(
+            [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]],
+            socket,
+            settings.http_max_body_bytes,
+            settings.http_timeout_s,
         )
         self.port = 0
+        self.http_port = 0
 
     async def start(self) -> None:
         if not self.settings.auth_enabled:
@@ -102,10 +123,19 @@ class GatewayApp:
         self.port = await self.grpc.start(
             self.settings.host, self.settings.port, server_credentials(self.settings)
         )
-        log.info("gateway listening", extra={"port": self.port})
+        self.http_port = await self.http.start(
+            self.settings.host, self.settings.http_port, self.settings.shutdown_grace_s
+        )
+        log.info("gateway listening", extra={"port": self.port, "http_port": self.http_port})
 
     async def stop(self) -> None:
-        await self.grpc.stop(self.settings.shutdown_grace_s)  # batches go on meanwhile
+        # Both stop taking new requests at once; HTTP requests in progress still reach gRPC,
+        # which gives its calls the same grace.
+        await asyncio.gather(
+            self.http.stop(),
+            self.grpc.stop(self.settings.shutdown_grace_s),  # batches go on meanwhile
+        )
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
         await self.unary.close()
         await self.ingestion.close()
         await self.billing.close()

@@ -1,12 +1,14 @@
-"""Device credentials: tokens, their hashes, and who a request's token says it is.
+"""Credentials: tokens, their hashes, and who a request's token says it is.
 
-A device token is ``<key_id>.<secret>``: the key id finds the stored credential, the
+A token is ``et1.<key_id>.<secret>``: the key id finds the stored credential, the
 secret (32 random bytes) is checked against its SHA-256 with a constant-time compare. A
 plain hash is enough because the secret is random, not a password: there is nothing to
 guess. Only the hash is stored, so a database leak reveals no token.
 
-The admin token (``GATEWAY_ADMIN_TOKEN``) manages devices and may send or read for any
-device (bulk import, backfill, dashboards).
+A credential is of a kind: a device token sends and reads its own device's data; an
+account token is read-only and reads its account's bills and the devices billing's
+catalog bills to the account. The admin token (``GATEWAY_ADMIN_TOKEN``) manages tokens
+and may send or read for any device (bulk import, backfill, dashboards).
 
 No I/O here: the store of credentials is passed in (``CredentialStore``).
 """
@@ -18,6 +20,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Protocol
 
 import grpc
@@ -25,9 +28,28 @@ import grpc
 TOKEN_PREFIX = "et1"  # marks the format, so a leaked token is recognisable in a scan
 
 
+class TokenKind(StrEnum):
+    """What a token speaks for; stored with its credential."""
+
+    DEVICE = "device"
+    ACCOUNT = "account"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a token speaks for: a device or an account, by id."""
+
+    kind: TokenKind
+    id: str
+
+    @property
+    def description(self) -> str:
+        return f"{self.kind} {self.id!r}"
+
+
 @dataclass(frozen=True)
 class Credential:
-    device_id: str
+    subject: Subject
     key_id: str
     secret_sha256: str
     revoked_at: datetime | None = None
@@ -35,18 +57,39 @@ class Credential:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a device (``device_id``), the admin, or anyone (auth switched off)."""
+    """Who is calling: a device (``device_id``), an account (``account_id``, read-only),
+    the admin, or anyone (auth switched off)."""
 
     device_id: str | None = None
+    account_id: str | None = None
     admin: bool = False
     unchecked: bool = False
 
     def may_act_for(self, device_id: str) -> bool:
+        """May send for the device (an account token never does), or read it without asking
+        which account it belongs to."""
         return self.admin or self.unchecked or self.device_id == device_id
 
     @property
+    def read_only(self) -> bool:
+        return self.account_id is not None
+
+    @property
+    def kind(self) -> str:
+        """For metric labels: admin, account, device or anyone."""
+        if self.admin:
+            return "admin"
+        if self.account_id is not None:
+            return TokenKind.ACCOUNT.value
+        return TokenKind.DEVICE.value if self.device_id is not None else "anyone"
+
+    @property
     def description(self) -> str:
-        return "the admin token" if self.admin else f"the token of device {self.device_id!r}"
+        if self.admin:
+            return "the admin token"
+        if self.account_id is not None:
+            return f"the token of account {self.account_id!r}"
+        return f"the token of device {self.device_id!r}"
 
 
 ADMIN = Principal(admin=True)
@@ -54,11 +97,13 @@ ANYONE = Principal(unchecked=True)  # GATEWAY_AUTH_ENABLED=false
 
 
 class AuthError(Exception):
-    """Refused: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED; the message says why."""
+    """Refused: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED; the message says why.
+    ``token`` is the kind of the refused token when known (a metric label), else unknown."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, token: str = "unknown") -> None:
         super().__init__(message)
         self.code = code
+        self.token = token
 
 
 class CredentialStore(Protocol):
@@ -71,11 +116,11 @@ class IssuedToken:
     credential: Credential
 
 
-def issue_token(device_id: str) -> IssuedToken:
-    """A new random token for ``device_id`` and the credential that stores only its hash."""
+def issue_token(subject: Subject) -> IssuedToken:
+    """A new random token for ``subject`` and the credential that stores only its hash."""
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
-    credential = Credential(device_id=device_id, key_id=key_id, secret_sha256=_sha256(secret))
+    credential = Credential(subject=subject, key_id=key_id, secret_sha256=_sha256(secret))
     return IssuedToken(token=f"{TOKEN_PREFIX}.{key_id}.{secret}", credential=credential)
 
 
@@ -119,13 +164,20 @@ class Authenticator:
         expected = credential.secret_sha256 if credential else _sha256(key_id)
         if not hmac.compare_digest(_sha256(secret), expected) or credential is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "invalid token")
+        subject = credential.subject
         if credential.revoked_at is not None:
+            rotate = {TokenKind.ACCOUNT: "RotateAccountToken"}.get(
+                subject.kind, "RotateDeviceToken"
+            )
             raise AuthError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"the token of device {credential.device_id!r} was revoked; ask the operator "
-                "for a new one (DeviceAdmin/RotateDeviceToken)",
+                f"the token of {subject.description} was revoked; ask the operator "
+                f"for a new one (DeviceAdmin/{rotate})",
+                token=subject.kind.value,
             )
-        return Principal(device_id=credential.device_id)
+        if subject.kind == TokenKind.ACCOUNT:
+            return Principal(account_id=subject.id)
+        return Principal(device_id=subject.id)
 
     def require_admin(self, token: str) -> None:
         if self._admin_sha256 is None:
@@ -137,12 +189,25 @@ class Authenticator:
             raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "this call needs the admin token")
 
 
+def require_sender(principal: Principal) -> None:
+    """Account tokens are read-only: they send no readings."""
+    if principal.read_only:
+        raise AuthError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"account tokens are read-only: {principal.description} may not send readings; "
+            "send them with the device's own token",
+            token=principal.kind,
+        )
+
+
 def require_device(principal: Principal, device_id: str) -> None:
-    """A token authorizes only its own device's readings and data."""
+    """A device token authorizes only its own device's readings and data (an account
+    token's reads are decided with the catalog: ``api_gateway.guard``)."""
     if not principal.may_act_for(device_id):
         raise AuthError(
             grpc.StatusCode.PERMISSION_DENIED,
             f"{principal.description} may not act for device {device_id!r}",
+            token=principal.kind,
         )
 
 

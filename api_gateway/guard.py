@@ -1,4 +1,5 @@
-"""Who may call, for which device, and how fast: auth and rate limits as gRPC statuses."""
+"""Who may call, for which device or account, and how fast: auth and rate limits as gRPC
+statuses."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ from typing import NoReturn
 import grpc
 from prometheus_client import Counter
 
+from api_gateway.adapters.billing import DeviceAccounts
 from api_gateway.adapters.credentials import CredentialStoreUnavailable
 from api_gateway.auth import ANYONE, Authenticator, AuthError, Principal, bearer_token
 from api_gateway.auth import require_device as _require_device
+from api_gateway.auth import require_sender as _require_sender
 from api_gateway.ratelimit import RateLimits, RedisRateLimiter
+from api_gateway.upstream import abort_upstream_failure
 from common.models import Reading
 
 AUTH_FAILURES = Counter(
-    "gateway_auth_failures_total", "Calls refused by authentication or authorization.", ["code"]
+    "gateway_auth_failures_total",
+    "Calls refused by authentication or authorization, by status code and by the kind of "
+    "token refused (device, account, admin; unknown when none or an invalid one).",
+    ["code", "token"],
 )
 # gRPC's own retry machinery reads this trailer as the delay before the next attempt.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -30,11 +37,13 @@ class Guard:
         auth_enabled: bool,
         limiter: RedisRateLimiter | None,
         limits: RateLimits,
+        accounts: DeviceAccounts | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._auth_enabled = auth_enabled
         self._limiter = limiter
         self._limits = limits
+        self._accounts = accounts  # None: account tokens read no device
 
     async def caller(self, context: grpc.aio.ServicerContext) -> Principal:
         """The principal of the call's bearer token (anyone when auth is switched off)."""
@@ -68,6 +77,61 @@ class Guard:
             _require_device(principal, device_id)
         except AuthError as error:
             await _refuse(context, error, note)
+
+    async def require_sender(self, principal: Principal, context: grpc.aio.ServicerContext) -> None:
+        """Account tokens are read-only: refused before anything of the call is read."""
+        try:
+            _require_sender(principal)
+        except AuthError as error:
+            await _refuse(context, error)
+
+    async def require_reader(
+        self, principal: Principal, device_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A device token reads its own device; an account token the devices billing's
+        catalog bills to its account; the admin token any."""
+        if principal.account_id is None:
+            await self.require_device(principal, device_id, context)
+            return
+        account_id = ""
+        if self._accounts is not None:
+            try:
+                account_id = await self._accounts.account_of(device_id)
+            except grpc.aio.AioRpcError as error:  # billing's answer, e.g. UNAVAILABLE
+                await abort_upstream_failure(context, "billing", error)
+        if account_id != principal.account_id:
+            await _refuse(
+                context,
+                AuthError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{principal.description} may read only account {principal.account_id!r} "
+                    "(its bill, its issued bills) and the devices billed to it; device "
+                    f"{device_id!r} is not one of them",
+                    token=principal.kind,
+                ),
+            )
+
+    async def require_account(
+        self, principal: Principal, account_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        """An account's bills: its own account token, or the admin token."""
+        if principal.admin or principal.unchecked or principal.account_id == account_id:
+            return
+        if principal.account_id is not None:
+            message = (
+                f"{principal.description} may read only account {principal.account_id!r} "
+                f"(its bill, its issued bills) and the devices billed to it, not account "
+                f"{account_id!r}"
+            )
+        else:
+            message = (
+                f"account bills need the account's own token (DeviceAdmin/IssueAccountToken) "
+                f"or the admin token; {principal.description} may read only its device"
+            )
+        await _refuse(
+            context,
+            AuthError(grpc.StatusCode.PERMISSION_DENIED, message, token=principal.kind),
+        )
 
     async def admit(
         self,
@@ -109,6 +173,6 @@ class Guard:
 
 
 async def _refuse(context: grpc.aio.ServicerContext, error: AuthError, note: str = "") -> NoReturn:
-    AUTH_FAILURES.labels(error.code.name).inc()
+    AUTH_FAILURES.labels(error.code.name, error.token).inc()
     await context.abort(error.code, f"{error}{note}")
     raise AssertionError("abort returned")  # pragma: no cover - abort always raises

@@ -25,19 +25,20 @@ Rule = Callable[[Guard, Principal, Any, grpc.aio.ServicerContext], Awaitable[Non
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
-async def own_device(
+async def device_data(
     guard: Guard, principal: Principal, request: Any, context: grpc.aio.ServicerContext
 ) -> None:
-    """A device token reads only its own device's data (``request.device_id``)."""
-    await guard.require_device(principal, request.device_id, context)
+    """A device's data (``request.device_id``): its own token, its account's token, or the
+    admin token (anyone, with auth switched off)."""
+    await guard.require_reader(principal, request.device_id, context)
 
 
-async def account_wide(
+async def account_data(
     guard: Guard, principal: Principal, request: Any, context: grpc.aio.ServicerContext
 ) -> None:
-    """Data of many devices: the admin token only (anyone, with auth switched off)."""
-    if not (principal.admin or principal.unchecked):
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "account bills need the admin token")
+    """An account's bills (``request.account_id``): its account token or the admin token
+    (anyone, with auth switched off)."""
+    await guard.require_account(principal, request.account_id, context)
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,12 @@ class Read:
 
 
 READS: tuple[Read, ...] = (
-    Read("GetLatestReading", "GetLatestReading", own_device),
-    Read("GetDeviceBill", "GetDeviceBill", own_device),
-    Read("GetAccountBill", "GetAccountBill", account_wide),
-    Read("ListBills", "ListBills", account_wide),
-    Read("GetUsage", "GetUsage", own_device),
-    Read("ListReadings", "ListReadings", own_device),
+    Read("GetLatestReading", "GetLatestReading", device_data),
+    Read("GetDeviceBill", "GetDeviceBill", device_data),
+    Read("GetAccountBill", "GetAccountBill", account_data),
+    Read("ListBills", "ListBills", account_data),
+    Read("GetUsage", "GetUsage", device_data),
+    Read("ListReadings", "ListReadings", device_data),
 )
 
 

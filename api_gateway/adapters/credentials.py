@@ -1,10 +1,13 @@
-"""Device credentials in MongoDB (collection ``device_credentials``), cached briefly.
+"""Credentials in MongoDB (collection ``device_credentials``), cached briefly.
 
-One document per device: ``_id`` = device_id, the current ``key_id`` (unique index), the
-SHA-256 of the secret and ``revoked_at``. Rotation replaces the key in place, so a device
-has one live token at most. Lookups are cached for ``cache_ttl_s`` in each gateway process:
-a revocation made through another replica takes effect within that time, and at once on the
-replica that made it.
+One document per device or account token: its ``kind`` (``device``, or ``account``; a
+document without one is a device's, as written before accounts had tokens), the id it
+speaks for (``device_id`` or ``account_id``), the current ``key_id`` (unique index), the
+SHA-256 of the secret and ``revoked_at``. ``_id`` is the device id, or ``account/<id>``
+for an account (``/`` is in no id, so the two never meet). Rotation replaces the key in
+place, so a device or account has one live token at most. Lookups are cached for
+``cache_ttl_s`` in each gateway process: a revocation made through another replica takes
+effect within that time, and at once on the replica that made it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from cachetools import TTLCache
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from api_gateway.auth import Credential, IssuedToken, issue_token
+from api_gateway.auth import Credential, IssuedToken, Subject, TokenKind, issue_token
 from common.mongo import Collection, connect, transient_as
 
 COLLECTION = "device_credentials"
@@ -27,12 +30,12 @@ class CredentialStoreUnavailable(Exception):
     """MongoDB did not answer; the caller should retry (UNAVAILABLE)."""
 
 
-class DeviceExists(Exception):
-    """The device already has a live token."""
+class TokenExists(Exception):
+    """The device or account already has a token (``args[0]``: its ``Subject``)."""
 
 
-class UnknownDevice(Exception):
-    """No credential was ever issued for the device."""
+class NoToken(Exception):
+    """No token was ever issued for the device or account (``args[0]``: its ``Subject``)."""
 
 
 class MongoCredentialStore:
@@ -60,37 +63,40 @@ class MongoCredentialStore:
         self._cache[key_id] = credential
         return credential
 
-    async def register(self, device_id: str) -> IssuedToken:
-        issued = issue_token(device_id)
+    async def register(self, subject: Subject) -> IssuedToken:
+        """The first token of ``subject``; TokenExists if it has one (live or revoked)."""
+        issued = issue_token(subject)
         try:
             with _unavailable():
                 await self._ensure_index()
-                await self._collection.insert_one({"_id": device_id, **_fields(issued.credential)})
+                await self._collection.insert_one(
+                    {"_id": _document_id(subject), **_fields(issued.credential)}
+                )
         except DuplicateKeyError:
-            raise DeviceExists(device_id) from None
+            raise TokenExists(subject) from None
         return issued
 
-    async def rotate(self, device_id: str) -> IssuedToken:
-        issued = issue_token(device_id)
+    async def rotate(self, subject: Subject) -> IssuedToken:
+        issued = issue_token(subject)
         with _unavailable():
             await self._ensure_index()
             previous = await self._collection.find_one_and_update(
-                {"_id": device_id},
+                {"_id": _document_id(subject)},
                 {"$set": _fields(issued.credential)},
                 return_document=ReturnDocument.BEFORE,
             )
         if previous is None:
-            raise UnknownDevice(device_id)
+            raise NoToken(subject)
         self._cache.pop(previous["key_id"], None)
         return issued
 
-    async def revoke(self, device_id: str) -> None:
+    async def revoke(self, subject: Subject) -> None:
         with _unavailable():
             previous = await self._collection.find_one_and_update(
-                {"_id": device_id}, {"$set": {"revoked_at": datetime.now(UTC)}}
+                {"_id": _document_id(subject)}, {"$set": {"revoked_at": datetime.now(UTC)}}
             )
         if previous is None:
-            raise UnknownDevice(device_id)
+            raise NoToken(subject)
         self._cache.pop(previous["key_id"], None)
 
     async def _ensure_index(self) -> None:
@@ -104,9 +110,19 @@ def _unavailable() -> AbstractContextManager[None]:
     return transient_as(CredentialStoreUnavailable, "credential store (MongoDB)")
 
 
+# The field that holds the id a token speaks for, by kind.
+_ID_FIELD = {TokenKind.DEVICE: "device_id", TokenKind.ACCOUNT: "account_id"}
+
+
+def _document_id(subject: Subject) -> str:
+    return subject.id if subject.kind == TokenKind.DEVICE else f"{subject.kind}/{subject.id}"
+
+
 def _fields(credential: Credential) -> dict[str, object]:
+    subject = credential.subject
     return {
-        "device_id": credential.device_id,
+        "kind": subject.kind.value,
+        _ID_FIELD[subject.kind]: subject.id,
         "key_id": credential.key_id,
         "secret_sha256": credential.secret_sha256,
         "issued_at": datetime.now(UTC),
@@ -115,8 +131,9 @@ def _fields(credential: Credential) -> dict[str, object]:
 
 
 def _credential(document: dict) -> Credential:
+    kind = TokenKind(document.get("kind", TokenKind.DEVICE))
     return Credential(
-        device_id=document["device_id"],
+        subject=Subject(kind, document[_ID_FIELD[kind]]),
         key_id=document["key_id"],
         secret_sha256=document["secret_sha256"],
         revoked_at=document.get("revoked_at"),

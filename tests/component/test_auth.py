@@ -6,6 +6,7 @@ Every refusal must publish nothing: the test's billing queue is checked after ea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -368,3 +369,27 @@ async def test_the_queue_holds_only_what_was_answered_ok(gateway: Gateway) -> No
     ok = await gateway.stub(token).SendReading(request("meter-e"), timeout=10)
     await refused(gateway.stub(token).SendReading(request("meter-f")), Code.PERMISSION_DENIED)
     assert await drain_reading_ids(Topology(gateway.prefix).billing_queue) == [ok.reading_id]
+
+
+async def test_a_credential_stored_before_tokens_had_kinds_is_a_device_token(
+    gateway: Gateway,
+) -> None:
+    """Documents written before account tokens have no ``kind``: they stay device tokens."""
+    key_id, secret = "00112233aabbccdd", "legacy-secret-of-a-device"
+    mongo = AsyncMongoClient(MONGODB_URL, serverSelectionTimeoutMS=5000)
+    try:
+        await mongo[gateway.prefix.strip("-")]["device_credentials"].insert_one(
+            {
+                "_id": "meter-old",
+                "device_id": "meter-old",
+                "key_id": key_id,
+                "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                "revoked_at": None,
+            }
+        )
+    finally:
+        await mongo.close()
+    stub = gateway.stub(f"et1.{key_id}.{secret}")
+    await stub.SendReading(request("meter-old"), timeout=10)
+    await refused(stub.SendReading(request("meter-new")), Code.PERMISSION_DENIED)
+    assert await gateway.published() == 1
