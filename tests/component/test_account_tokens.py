@@ -64,7 +64,8 @@ class Stack:
 @pytest.fixture
 async def stack(prefix: str) -> AsyncIterator[Stack]:
     """Billing (with the catalog above), ingestion and a gateway that asks that billing."""
-    billing = BillingApp(settings(prefix))
+    # MongoDB's 5 s, not the 1 s of billing's own tests: this stack shares a busy machine.
+    billing = BillingApp(settings(prefix).model_copy(update={"mongodb_timeout_s": 5}))
     await MongoCatalog(billing.ledger.database).save(CATALOG, "test catalog")
     await billing.start()
     ingestion = IngestionApp(IngestionSettings(port=0, topology_prefix=prefix, confirm_timeout_s=5))
