@@ -29,7 +29,7 @@ dev up down down-delete-data: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 up down down-delete-data: export RABBITMQ_PASSWORD = $(shell cat $(RABBITMQ_PASSWORD_FILE))
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto services browser dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
+.PHONY: help install proto openapi services browser dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,8 +42,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install the project with its dev tools
 
+# google/api/annotations.proto and http.proto (the HTTP routes on the Gateway RPCs) come with
+# googleapis-common-protos, a runtime dependency: its stubs are what the generated ones import.
+GOOGLEAPIS_PROTOS = $(shell $(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parent.parent)' 2>/dev/null)
+
 proto: install ## Generate the Python stubs from common/energy/v1/*.proto
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I . -I $(GOOGLEAPIS_PROTOS) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+openapi: proto ## Regenerate api_gateway/http/openapi.json (the HTTP API) from the protos
+	$(PY) -m scripts.openapi
 
 $(ADMIN_TOKEN_FILE):
 	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $@

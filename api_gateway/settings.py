@@ -11,13 +11,19 @@ from common.tls import InternalClientTlsSettings, ServerTlsSettings
 
 
 class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSettings):
-    """Public gRPC on :50051, /metrics on :9101."""
+    """Public gRPC on :50051, HTTP/JSON on :8080, /metrics on :9101."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", frozen=True)
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: Port = 50051
     metrics_port: Port = 9101
+    # The HTTP/JSON API (the Gateway RPCs' google.api.http routes), OpenAPI and the web page.
+    http_port: Port = Field(8080, description="HTTP/JSON API and web page; 0: any free port")
+    http_max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="larger bodies get 413"
+    )
+    http_timeout_s: float = Field(60.0, gt=0, description="deadline of each transcoded call")
     ingestion_addr: str = Field("127.0.0.1:50052", min_length=3, description="host:port")
     ingestion_timeout_s: float = Field(5.0, gt=0, description="deadline of each forward call")
     billing_addr: str = Field("127.0.0.1:50053", min_length=3, description="host:port")
@@ -67,6 +73,14 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
     # At 100, grpc refused ~2% of streams (REFUSED_STREAM) with only 64 calls in flight on
     # one connection (make bench, ghz -c 64); at 1000 none.
     max_concurrent_streams: int = Field(1000, ge=1, description="HTTP/2 streams per connection")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Self:
+        ports = {"GATEWAY_PORT": self.port, "GATEWAY_METRICS_PORT": self.metrics_port}
+        for name, port in ports.items():
+            if port and port == self.http_port:
+                raise ValueError(f"GATEWAY_HTTP_PORT ({port}) must differ from {name}")
+        return self
 
     @model_validator(mode="after")
     def _auth_needs_admin_token(self) -> Self:

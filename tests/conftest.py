@@ -22,6 +22,10 @@ import pytest
 from billing_service.domain.ledger import SlotKey, Total
 from common.models import Reading
 
+# Every gateway a test starts, in this process or as a child, serves HTTP on a free port of
+# its own (0), never on 8080, where make dev's gateway or another run's may listen.
+os.environ.setdefault("GATEWAY_HTTP_PORT", "0")
+
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBITMQ_MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

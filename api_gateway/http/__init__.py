@@ -1,0 +1,1 @@
+"""The gateway's HTTP/JSON API: the gRPC contract's ``google.api.http`` routes, transcoded."""
