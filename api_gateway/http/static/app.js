@@ -11,11 +11,14 @@
   const UPLOADS_IN_FLIGHT = 2;
   const UPLOAD_TRIES = 6; // per chunk, on 429 and 503 (the wait: Retry-After or a backoff)
   const MAX_REPORTED_PROBLEMS = 50; // as make import
-  const CHART = { width: 640, height: 260, left: 52, right: 12, top: 12, bottom: 40 };
+  // The chart's drawing units are the screen's pixels (the viewBox is the SVG's width when
+  // drawn), so its text stays readable at phone width; a resize draws it again.
+  const CHART = { height: 260, left: 56, right: 12, top: 14, bottom: 40 };
   const SVG_NS = "http://www.w3.org/2000/svg";
 
   const $ = (id) => document.getElementById(id);
   let session = null; // {kind: "device" | "account", id, token}
+  let drawn = null; // the chart's last arguments, for a redraw on resize
 
   // --- talking to the gateway -------------------------------------------------------------
 
@@ -187,6 +190,7 @@
     $("account-section").hidden = kind !== "account";
     $("upload-readonly").hidden = kind !== "account";
     $("upload-form").hidden = kind === "account";
+    $("upload-progress-box").hidden = kind === "account";
     $("upload-device").value = kind === "device" ? id : "";
     $("dashboard-title").focus();
     await refreshAll();
@@ -245,11 +249,11 @@
   async function loadUsage() {
     const device = currentDevice();
     const zone = $("usage-zone").value;
-    const window = $("usage-window").value;
+    const windowSize = $("usage-window").value;
     if (!device || !$("usage-date").value) return;
     const [start, end] = usageRange($("usage-range").value, $("usage-date").value, zone);
     const query = new URLSearchParams({
-      start: new Date(start).toISOString(), end: new Date(end).toISOString(), window, time_zone: zone,
+      start: new Date(start).toISOString(), end: new Date(end).toISOString(), window: windowSize, time_zone: zone,
     });
     $("usage-summary").textContent = "Loading usage…";
     let buckets;
@@ -257,18 +261,18 @@
       buckets = pick(await api(`/v1/devices/${enc(device)}/usage?${query}`), "buckets") || [];
     } catch (error) {
       $("usage-summary").textContent = "";
-      drawChart([], zone, window);
+      drawChart([], zone, windowSize);
       handleFailure(error, "Usage");
       return;
     }
     const points = buckets.map((b) => ({
       start: pick(b, "start"), count: Number(pick(b, "count") || 0), kwh: Number(pick(b, "sum_kwh") || 0),
     }));
-    drawChart(points, zone, window);
+    drawChart(points, zone, windowSize);
     const total = points.reduce((sum, p) => sum + p.kwh, 0);
     const readings = points.reduce((sum, p) => sum + p.count, 0);
     $("usage-summary").textContent = `${device}: ${total.toFixed(3)} kWh in ${readings} readings, ` +
-      `${points.length} windows of ${window} (${zone})`;
+      `${points.length} windows of ${windowSize} (${zone})`;
     $("usage-table").tBodies[0].replaceChildren(...points.map((p) => {
       const row = el("tr");
       row.append(el("td", formatInstant(p.start, zone)), el("td", String(p.count)), el("td", p.kwh.toFixed(3)));
@@ -291,11 +295,14 @@
   }
 
   /** A bar per window (kWh), four grid lines, and a few start times under the axis. */
-  function drawChart(points, zone, window) {
+  function drawChart(points, zone, windowSize) {
     const chart = $("usage-chart");
-    const { width, height, left, right, top, bottom } = CHART;
+    drawn = [points, zone, windowSize];
+    const { height, left, right, top, bottom } = CHART;
+    const width = Math.max(300, Math.round(chart.getBoundingClientRect().width) || 640);
+    chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
     const title = svg("title", { id: "usage-chart-title" },
-      points.length ? `Usage in kWh per ${window} window, ${points.length} windows` : "No usage to show");
+      points.length ? `Usage in kWh per ${windowSize} window, ${points.length} windows` : "No usage to show");
     chart.replaceChildren(title);
     if (!points.length) return;
     const plotW = width - left - right;
@@ -305,9 +312,9 @@
     for (let i = 0; i <= 4; i++) {
       const y = top + plotH - (plotH * i) / 4;
       grid.append(svg("line", { x1: left, x2: width - right, y1: y, y2: y }));
-      grid.append(svg("text", { x: left - 6, y: y + 4, "text-anchor": "end" }, String(+((max * i) / 4).toFixed(3))));
+      const label = String(+((max * i) / 4).toFixed(3)) + (i === 4 ? " kWh" : "");
+      grid.append(svg("text", { x: i === 4 ? 4 : left - 6, y: i === 4 ? y - 3 : y + 4, "text-anchor": i === 4 ? "start" : "end" }, label));
     }
-    grid.append(svg("text", { x: 4, y: top + 2, "text-anchor": "start", class: "unit", transform: `rotate(90 4 ${top + 2})` }, "kWh"));
     chart.append(grid);
     const bars = svg("g", { class: "bars" });
     const slot = plotW / points.length;
@@ -324,7 +331,7 @@
     chart.append(bars);
     const axis = svg("g", { class: "axis" });
     axis.append(svg("line", { x1: left, x2: width - right, y1: top + plotH, y2: top + plotH }));
-    const labels = Math.min(points.length, 4);
+    const labels = Math.min(points.length, width < 480 ? 2 : 4);
     for (let k = 0; k < labels; k++) {
       const i = labels === 1 ? 0 : Math.round((k * (points.length - 1)) / (labels - 1));
       const x = left + i * slot + slot / 2;
@@ -346,7 +353,7 @@
     table.append(el("caption", caption));
     const head = el("tr");
     for (const name of ["Item", "Quantity", "Unit price", "Amount"]) {
-      const th = el("th", name); th.scope = "col"; head.append(th);
+      const th = el("th", name, name === "Amount" ? "num" : undefined); th.scope = "col"; head.append(th);
     }
     table.append(el("thead")); table.tHead.append(head);
     const body = el("tbody");
@@ -414,6 +421,7 @@
       showAccountDevices(bills, total, currency);
       target.replaceChildren(...bills.map((bill) => {
         const details = el("details");
+        details.open = bills.length <= 3;
         details.append(el("summary", `${pick(bill, "device_id")}: ${money(pick(bill, "total"), pick(bill, "currency"))}`));
         details.append(linesTable(bill, `Bill of ${pick(bill, "device_id")}`));
         return details;
@@ -604,6 +612,12 @@
       if (!file) { $("upload-status").textContent = "Choose a CSV file first."; $("upload-file").focus(); return; }
       await upload(file);
     }));
+
+    let resizing = 0;
+    window.addEventListener("resize", () => {
+      clearTimeout(resizing);
+      resizing = setTimeout(() => { if (drawn && session) drawChart(...drawn); }, 150);
+    });
 
     const saved = sessionStorage.getItem(SESSION_KEY);
     if (saved) {
