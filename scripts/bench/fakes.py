@@ -36,6 +36,7 @@ async def fake_gateway(fake: ingestion_pb2_grpc.IngestionServicer) -> AsyncItera
     # Auth and rate limits off: this measures the importer and the gateway's own work.
     settings = GatewaySettings(
         port=0,
+        http_port=0,
         ingestion_addr=f"127.0.0.1:{port}",
         auth_enabled=False,
         device_rate_per_s=0,

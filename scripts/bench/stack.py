@@ -34,9 +34,11 @@ SETTINGS_PREFIX = {
     "analytics_service": "ANALYTICS",
     "api_gateway": "GATEWAY",
 }
-# The ports each service listens on, by variable (analytics serves only /metrics).
+# The ports each service listens on, by variable (analytics serves only /metrics; the
+# gateway HTTP/JSON too).
 PORTS = {
     service: ((f"{prefix}_PORT",) if service != "analytics_service" else ())
+    + (("GATEWAY_HTTP_PORT",) if service == "api_gateway" else ())
     + (f"{prefix}_METRICS_PORT",)
     for service, prefix in SETTINGS_PREFIX.items()
 }
@@ -91,6 +93,11 @@ class Stack:
     @property
     def gateway(self) -> str:
         return f"127.0.0.1:{self.ports['GATEWAY_PORT']}"
+
+    @property
+    def gateway_http(self) -> str:
+        """Base URL of the gateway's HTTP/JSON API."""
+        return f"http://127.0.0.1:{self.ports['GATEWAY_HTTP_PORT']}"
 
     @property
     def pids(self) -> dict[str, int]:

@@ -86,6 +86,11 @@ spec:
               containerPort: {{ .grpcPort }}
               protocol: TCP
             {{- end }}
+            {{- if .httpPort }}
+            - name: http
+              containerPort: {{ .httpPort }}
+              protocol: TCP
+            {{- end }}
             - name: metrics
               containerPort: {{ $values.metricsPort }}
               protocol: TCP
