@@ -344,6 +344,8 @@ def test_csv_upload_lists_bad_rows_by_line_and_sends_the_good_ones(
     fresh_page(chrome, world)
     sign_in(chrome, "device", "lathe-meter", world.device_token)
     wait_for(chrome, lambda d: visible(d, "dashboard"), "the dashboard")
+    chrome.refresh()  # the tab keeps its session: signed in again from sessionStorage
+    wait_for(chrome, lambda d: visible(d, "dashboard"), "the dashboard after a reload")
     Select(chrome.find_element("id", "upload-zone")).select_by_value(CHART_ZONE)
     chrome.find_element("id", "upload-file").send_keys(str(path))
     chrome.find_element("id", "upload-button").click()
