@@ -120,9 +120,8 @@ def module_prefix() -> str:
 async def services(module_prefix: str) -> AsyncIterator[tuple[IngestionApp, BillingApp]]:
     prefix = module_prefix
     ingestion = IngestionApp(IngestionSettings(port=0, topology_prefix=prefix, confirm_timeout_s=5))
-    billing = BillingApp(
-        settings(prefix, mongodb_timeout_s=5)
-    )  # a busy machine needs more than 1 s
+    # A busy machine (test runs side by side) may take more than 1 s for a first write.
+    billing = BillingApp(settings(prefix).model_copy(update={"mongodb_timeout_s": 5}))
     await MongoCatalog(billing.ledger.database).save(CATALOG, "test catalog")
     await billing.start()
     await ingestion.start()
@@ -161,15 +160,16 @@ async def api(module_prefix: str, services: tuple[IngestionApp, BillingApp]) -> 
     await gateway.stop()
 
 
-async def readings_of(api: Api, device: str, count: int) -> list[dict[str, Any]]:
-    """The device's readings over HTTP, once billing holds ``count`` of them."""
+async def readings_of(api: Api, device: str, count: int, **window: str) -> list[dict[str, Any]]:
+    """The device's readings (in ``start``, ``end`` if given) over HTTP, once billing holds
+    ``count`` of them."""
     found: list[dict[str, Any]] = []
 
     async def arrived() -> bool:
         nonlocal found
         answer = await api.http.get(
             f"/v1/devices/{device}/readings",
-            params={"page_size": "1000"},
+            params={"page_size": "1000", **window},
             headers=bearer(api.tokens[device]),
         )
         assert answer.status_code == 200, answer.text
@@ -281,11 +281,12 @@ async def test_one_reading_over_http_and_grpc_and_resent(api: Api) -> None:
 
     # A later reading marks when billing has consumed everything sent before it.
     await api.http.post("/v1/readings", json=body("meter-2", 315, 0.25), headers=bearer(token))
-    stored = await readings_of(api, "meter-2", 2)
+    stored = await readings_of(api, "meter-2", 2, start=at(300), end=at(330))
     assert [r["timestamp"] for r in stored] == [at(300), at(315)]
-    listed = await api.grpc(token).ListReadings(
-        billing_pb2.ListReadingsRequest(device_id="meter-2"), timeout=10
-    )
+    window = billing_pb2.ListReadingsRequest(device_id="meter-2")
+    window.start.FromJsonString(at(300))
+    window.end.FromJsonString(at(330))
+    listed = await api.grpc(token).ListReadings(window, timeout=10)
     assert [r.reading_id for r in listed.readings][:1] == [over_grpc.reading_id]
     assert len(listed.readings) == 2
 
@@ -414,6 +415,7 @@ async def test_rate_limit_is_429_with_retry_after_and_upstream_down_is_503(
         module_prefix,
         ingestion.port,
         free_port(),  # no billing there
+        redis_key_prefix=f"{module_prefix}limited-",  # buckets of its own
         batch_size=1,
         device_burst=1,
         device_rate_per_s=0.01,
