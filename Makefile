@@ -143,7 +143,7 @@ compose-check: install ## Validate deployments/docker-compose.yml against the co
 
 up: $(COMPOSE_SECRETS) ## The whole stack in docker compose (needs Docker)
 	$(COMPOSE) up -d --build --wait
-	@echo "gateway grpc://localhost:50051  RabbitMQ UI http://localhost:15672 (user energy, password in $(RABBITMQ_PASSWORD_FILE))  analytics http://localhost:9100/metrics"
+	@echo "gateway grpc://localhost:50051  HTTP and web page http://localhost:8080  RabbitMQ UI http://localhost:15672 (user energy, password in $(RABBITMQ_PASSWORD_FILE))  analytics http://localhost:9100/metrics"
 
 down: $(COMPOSE_SECRETS) ## Stop the compose stack; its volumes (bills, queues, metrics) are kept
 	$(COMPOSE) down
