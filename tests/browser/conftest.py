@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from scripts.bench.measure import free_port
-from scripts.bench.stack import PORTS
 from tests.e2e.conftest import Stack, running
 
 if TYPE_CHECKING:
@@ -27,7 +25,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-HTTP_PORT = "GATEWAY_HTTP_PORT"
 DESKTOP = (1280, 1000)
 
 
@@ -47,19 +44,10 @@ def _require_browser() -> None:
 
 @pytest.fixture(scope="module")
 async def web_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    """The four services; the gateway's HTTP port is a free one (the launcher picks it when
-    it knows the variable, else it is set here)."""
+    """The four services; the gateway serves the page and /v1 on a free HTTP port."""
     stack = Stack(prefix=f"web{uuid.uuid4().hex[:8]}-", log_dir=tmp_path_factory.mktemp("logs"))
-    if HTTP_PORT not in PORTS["api_gateway"]:
-        stack.settings[HTTP_PORT] = str(free_port())
     async with running(stack):
         yield stack
-
-
-def base_url(stack: Stack) -> str:
-    """Where the gateway serves the page and /v1."""
-    port = stack.ports.get(HTTP_PORT) or stack.settings[HTTP_PORT]
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

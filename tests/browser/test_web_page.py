@@ -27,7 +27,7 @@ from billing_service.adapters.mongo import MongoCatalog
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
 from scripts.import_csv import ParsedRow, RowProblem, parse_rows
-from tests.browser.conftest import base_url, publish_screenshot, save_screenshot
+from tests.browser.conftest import publish_screenshot, save_screenshot
 from tests.conftest import ADMIN_METADATA, ADMIN_TOKEN, wait_until
 from tests.e2e.conftest import Stack
 
@@ -137,7 +137,7 @@ async def world(web_stack: Stack) -> World:
 
         await wait_until(billed, what="household's bill to hold every reading")
     return World(
-        url=base_url(web_stack),
+        url=web_stack.gateway_http,
         gateway=web_stack.gateway,
         account_token=account_token,
         device_token=device.token,
@@ -163,8 +163,9 @@ def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str
 
 
 def fresh_page(driver: WebDriver, world: World) -> None:
-    """The page as a new tab would have it: nothing in session storage."""
-    driver.get(world.url + "/")
+    """The page as a new tab would have it: nothing in session storage (cleared on a path
+    of the same origin that runs no script, so no sign-in from it can write it again)."""
+    driver.get(world.url + "/v1/no-page-here")
     driver.execute_script("sessionStorage.clear()")
     driver.get(world.url + "/")
     wait_for(
