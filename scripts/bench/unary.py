@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import google.api
+
 from scripts.bench.measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,12 @@ def ghz_path() -> str:
     if candidate.exists():
         return str(candidate)
     raise RuntimeError("ghz is not installed: run bash scripts/bench_tools.sh")
+
+
+def googleapis_protos() -> Path:
+    """The folder holding google/api/annotations.proto (googleapis-common-protos ships it),
+    which gateway.proto imports for its HTTP routes."""
+    return Path(google.api.__path__[0]).parents[1]
 
 
 def call_data(device_prefix: str, devices: int, first_s: int) -> str:
@@ -72,7 +80,7 @@ def run_ghz(
             "--proto",
             PROTO,
             "--import-paths",
-            str(ROOT),
+            f"{ROOT},{googleapis_protos()}",
             "--call",
             "energy.v1.Gateway.SendReading",
             "--metadata-file",
