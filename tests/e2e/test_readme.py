@@ -21,6 +21,7 @@ from analytics_service.settings import AnalyticsSettings
 from api_gateway.settings import GatewaySettings
 from billing_service.adapters.mongo import MongoCatalog
 from billing_service.settings import BillingSettings
+from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.settings import env_names
 from ingestion_service.settings import IngestionSettings
 from tests.conftest import ADMIN_TOKEN, wait_until
@@ -104,7 +105,22 @@ async def seeded(stack: Stack) -> Stack:
     ledger = stack.ledger()
     await MongoCatalog(ledger.database).save(SAMPLE_CATALOG.read_text(), str(SAMPLE_CATALOG))
     ledger.close()
+    await wait_until(lambda: catalog_loaded(stack), what="billing loading the sample catalog")
     return stack
+
+
+async def catalog_loaded(stack: Stack) -> bool:
+    """Billing holds the sample catalog (its account acct-1003 exists)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['BILLING_PORT']}") as channel:
+        try:
+            await billing_pb2_grpc.BillingStub(channel).GetAccount(
+                billing_pb2.GetAccountRequest(account_id="acct-1003"), timeout=5
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                return False
+            raise
+    return True
 
 
 async def billed(stack: Stack, count: int) -> bool:
@@ -155,7 +171,6 @@ async def run_example(
     if any(read in command for read in READS) or CLOSE_PERIOD.match(command):
         # Reads and closes follow accepted readings; let billing catch up first.
         await wait_until(lambda: billed(stack, accepted), what="the README's readings billed")
-        await asyncio.sleep(1)  # billing reloads the seeded catalog every 0.5 s
     close = CLOSE_PERIOD.fullmatch(command.strip())
     if close:
         period, account = close.groups()

@@ -108,7 +108,7 @@ def test_the_metrics_thread_may_read_while_the_consumer_records() -> None:
     scraper.start()
     now = datetime.now(UTC)
     try:
-        for number in range(20_000):
+        for number in range(5_000):
             counter.record(validate_reading(f"d-{number}", now, 0.1, now=now))
     finally:
         stop.set()
