@@ -130,8 +130,8 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     if not values:
         raise AuthError(
             grpc.StatusCode.UNAUTHENTICATED,
-            "no credentials: send gRPC metadata 'authorization: Bearer <device token>' "
-            "(register the device with DeviceAdmin/RegisterDevice to get one)",
+            "no credentials: send 'authorization: Bearer <device token>' as gRPC metadata "
+            "or an HTTP header (register the device with DeviceAdmin/RegisterDevice to get one)",
         )
     value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
     scheme, _, token = value.strip().partition(" ")
