@@ -18,8 +18,11 @@ The arithmetic (each function below, unit-tested in tests/unit/test_capacity.py)
                   process uses one core; at least the chart's minimum
   RabbitMQ        its CPU per reading x the quorum replication (every node writes every
                   message), over cores per node; at least 3 nodes; one quorum queue is led by
-                  one node, so above one queue's measured rate the readings queues must be
-                  sharded (queues per consumer group)
+                  one node, so above one queue's measured rate of messages the readings queues
+                  must be sharded (queues per consumer group). A message carries many readings
+                  (schema 2): a stream's chunk (GATEWAY_BATCH_SIZE, 500) is one message; single
+                  calls are counted as one message each, the worst case (gathered calls share
+                  messages under load, fewer on a quiet gateway)
   MongoDB         readings/s over what one server took here; above it, shards (hashed
                   device_id)
 """
@@ -52,6 +55,11 @@ PROCESS = {
 # make bench-billing, README "Billing on the local MongoDB (SecantusDB)": five runs drained
 # 1,686-2,134 readings/s from 1,000 devices; the lowest is the planning figure.
 STORE_READINGS_PER_S = 1686.0
+# RabbitMQ's CPU for a message of one reading (publish, confirm, two queue deliveries):
+# `make bench` of 2026-12-01T18:16:19, when every reading was its own message. Streams now
+# share messages (their figure comes from each bench run); a single call may be alone in
+# its message, so single calls are priced at this.
+RABBITMQ_US_PER_SINGLE_MESSAGE = 196.0
 # README "How billing stores a reading": a slot document of 900 readings is 37.9 kB of BSON.
 SLOT_BYTES_PER_READING = 37_900 / 900
 TABLE_HEADER = (
@@ -72,6 +80,7 @@ class Measured:
     unary_us: float  # the whole stack's CPU per reading sent by unary calls
     queue_publish_per_s: float  # one quorum queue, persistent, confirms: the broker's own
     store_readings_per_s: float  # billing's drain into the local MongoDB-wire server
+    rabbitmq_us_per_single_message: float = RABBITMQ_US_PER_SINGLE_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,10 @@ class Assumptions:
     target_utilisation: float = 0.7  # of a replica's core, before the autoscaler adds one
     cores_per_replica: float = 1.0  # an asyncio Python process
     rabbitmq_cores_per_node: int = 8
+    # Readings per broker message: a stream's forwarded chunk (GATEWAY_BATCH_SIZE and
+    # INGESTION_MAX_MESSAGE_READINGS, both 500); a single call alone in its message.
+    readings_per_message_streams: float = 500.0
+    readings_per_message_unary: float = 1.0
     quorum_replicas: int = 3  # each message written on every node of a 3-node cluster
     min_replicas: dict[str, int] = field(
         default_factory=lambda: {"gateway": 2, "ingestion": 2, "billing": 1, "analytics": 1}
@@ -131,12 +144,14 @@ def from_bench(
 
 def unary_cpu_us(measured: Measured) -> dict[str, float]:
     """CPU per reading when each reading is its own call (a logger reporting once a
-    minute). The consumers' side is the same as for batches; the rest of the unary cost is
-    the call path, split between gateway and ingestion as their batched costs are."""
-    consumers = sum(measured.cpu_us[s] for s in ("billing", "analytics", "rabbitmq"))
+    minute). The consumers' side is the same as for batches, the broker's that of a message
+    of one reading; the rest of the unary cost is the call path, split between gateway and
+    ingestion as their batched costs are."""
+    costs = dict(measured.cpu_us)
+    costs["rabbitmq"] = max(costs["rabbitmq"], measured.rabbitmq_us_per_single_message)
+    consumers = sum(costs[s] for s in ("billing", "analytics", "rabbitmq"))
     call_path = max(measured.unary_us - consumers, 0.0)
     front = measured.cpu_us["gateway"] + measured.cpu_us["ingestion"]
-    costs = dict(measured.cpu_us)
     for service in ("gateway", "ingestion"):
         costs[service] = call_path * measured.cpu_us[service] / front
     return costs
@@ -189,7 +204,12 @@ def row(devices: int, measured: Measured, assumptions: Assumptions, unary: bool 
         )
         for service in SERVICES
     }
-    queue_shards = shards(design, measured.queue_publish_per_s, assumptions)
+    per_message = (
+        assumptions.readings_per_message_unary
+        if unary
+        else assumptions.readings_per_message_streams
+    )
+    queue_shards = shards(design / per_message, measured.queue_publish_per_s, assumptions)
     store_shards = shards(design, measured.store_readings_per_s, assumptions)
     # How far past its single unit each tier is: the chart scales services up to their
     # maximum replicas; one queue and one database are single units it cannot scale.
@@ -240,8 +260,10 @@ def render(measured: Measured, assumptions: Assumptions, fleets: tuple[int, ...]
             f"{costs[service]:,.0f} us | `make bench` streaming.batch_1000; unary: see below |"
         )
     lines += [
-        f"| RabbitMQ CPU per reading (1 publish, 2 queue deliveries) | "
-        f"{measured.cpu_us['rabbitmq']:,.0f} us | `make bench` streaming.batch_1000 |",
+        f"| RabbitMQ CPU per reading (1 publish, 2 queue deliveries), batched / unary | "
+        f"{measured.cpu_us['rabbitmq']:,.0f} / {costs['rabbitmq']:,.0f} us | `make bench` "
+        "streaming.batch_1000; unary: a message of one reading, `make bench` of "
+        "2026-12-01T18:16:19 |",
         f"| whole stack CPU per unary reading | {measured.unary_us:,.0f} us | `make bench` unary, "
         "busiest run: cores less the load tool's, over calls answered |",
         f"| one quorum queue, persistent publishes with confirms | "
@@ -256,7 +278,9 @@ def render(measured: Measured, assumptions: Assumptions, fleets: tuple[int, ...]
         f"{assumptions.peak_factor:g}; {assumptions.target_utilisation:.0%} target "
         f"utilisation; one core per service replica; RabbitMQ nodes of "
         f"{assumptions.rabbitmq_cores_per_node} cores, quorum queues on "
-        f"{assumptions.quorum_replicas} nodes; one broker message per reading; replicas "
+        f"{assumptions.quorum_replicas} nodes; broker messages of "
+        f"{assumptions.readings_per_message_unary:g} reading (single calls) and "
+        f"{assumptions.readings_per_message_streams:g} readings (streams); replicas "
         "between the chart's minimum and maximum (the maximum only decides what saturates "
         "first).",
     ]

@@ -111,6 +111,10 @@ def test_a_row_names_the_tier_furthest_past_its_single_unit() -> None:
     assert big.saturates_first == "MongoDB: one server / replica set"
     batched = capacity.row(1_200_000, MEASURED, assumptions, unary=False)
     assert batched.replicas["ingestion"] < big.replicas["ingestion"]
+    # Streams put 500 readings in a message: 80 messages/s, one queue.
+    assert batched.queue_shards == 1
+    huge = capacity.row(600_000_000, MEASURED, assumptions, unary=False)  # 20M readings/s
+    assert huge.queue_shards == 12  # 20,000,000 / 500 = 40,000 msg/s over (5,000 x 0.7)
 
 
 def test_services_saturate_first_when_their_maximum_replicas_is_low() -> None:
