@@ -292,7 +292,7 @@ def test_the_gateway_is_the_only_service_exposed() -> None:
     for service_name, service in services.items():
         if service_name != name("gateway"):
             assert service["spec"]["type"] == "ClusterIP", service_name
-    (ingress,) = by_kind("all-on", "Ingress").values()
+    ingress = by_kind("all-on", "Ingress")[name("gateway")]  # gRPC; test_ingress: HTTP's
     (rule,) = ingress["spec"]["rules"]
     (path,) = rule["http"]["paths"]
     assert path["backend"]["service"] == {"name": name("gateway"), "port": {"name": "grpc"}}
