@@ -15,8 +15,12 @@ with ``--ledger``). For each device, through the public read API only, it checks
 matches, the bills are checked (``scripts.bill_check``): GetDeviceBill of every device
 and month, GetAccountBill of every account and month, against a computation of the
 check's own from the catalog file and the ledger; twice, the second time from the cache
-the first may have filled. It prints expected against billed and exits 1 on any
-difference. Useful after an incident too.
+the first may have filled. A month billing has issued is not compared line by line (late
+readings are carried by later bills): the ledger's bill for it must equal its issued
+charges + the adjustments for it on bills issued since (ListBills) + the one on the open
+month after the last issued, in money and kWh. It prints expected against billed and exits
+1 on any difference. Useful after an incident too. The token must read every account's
+bills (the admin token).
 """
 
 from __future__ import annotations

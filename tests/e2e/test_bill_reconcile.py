@@ -1,6 +1,7 @@
 """The reconciliation's bill check against the four services: every device and account bill
-of a ledger exact, with billing's Redis warm, flushed and killed; and a ledger that does not
-match what billing holds is caught.
+of a ledger exact, with billing's Redis warm, flushed and killed; a ledger that does not
+match what billing holds is caught; and issued months with late readings add up (issued
+charges + adjustments on later bills), a ledger reading billing never got is caught there.
 
 The stack has a Redis of its own, so the test may kill it. The catalog is seeded with
 billing's MongoDB adapter (the test may; the checker never imports billing).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -66,13 +68,17 @@ tariffs:
 accounts:
   - {id: berlin-shop, name: Bakery}
   - {id: ny-store, name: Deli}
+  - {id: late-shop, name: Kiosk}
 devices:
   - {id: b-flat, account: berlin-shop, site: shop, tariff: flat-eur}
   - {id: b-tou, account: berlin-shop, site: bakehouse, tariff: tou-eur}
   - {id: ny-1, account: ny-store, site: store, tariff: tiered-usd}
   - {id: ny-2, account: ny-store, site: cold room, tariff: tiered-usd}
   - {id: ny-idle, account: ny-store, site: back office, tariff: tiered-usd}
+  - {id: late-1, account: late-shop, site: kiosk, tariff: flat-eur}
+  - {id: late-2, account: late-shop, site: kiosk, tariff: tou-eur}
 """
+ROOT = Path(__file__).parents[2]
 NOW = datetime.now(UTC).replace(microsecond=0)
 QUARTER = timedelta(minutes=15)
 
@@ -204,8 +210,10 @@ async def send_with_ledger(bills: BillStack, sent: list[Reading], ledger: Path) 
     assert all(d.exact for d in results), render(results)
 
 
-async def check(bills: BillStack, ledger: Path, when: str) -> BillReport:
-    report = await reconcile_bills(ledger, bills.catalog, bills.stack.gateway, ADMIN_TOKEN)
+async def check(bills: BillStack, ledger: Path, when: str, settle_s: float = 10) -> BillReport:
+    report = await reconcile_bills(
+        ledger, bills.catalog, bills.stack.gateway, ADMIN_TOKEN, settle_s=settle_s
+    )
     print(f"\nbills, {when}:\n{report.render()}")
     return report
 
@@ -289,3 +297,87 @@ async def test_the_check_finds_a_ledger_that_does_not_match(
     report = await check(bills, ledger, "a reading outside the ledger")
     assert not report.exact
     assert f"{device}" in report.render() and "total: expected" in report.render()
+
+
+async def close_period(bills: BillStack, period: str, account: str) -> str:
+    """``make close-period PERIOD=period ACCOUNT=account`` against the stack."""
+    process = await asyncio.create_subprocess_exec(
+        *f"{sys.executable} -m billing_service.close_period {period} --account {account}".split(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+        env=bills.stack.env(),
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()
+    return output.decode()
+
+
+async def send_late(
+    bills: BillStack, ledger: Path, known: list[Reading], new: list[Reading]
+) -> list[Reading]:
+    """Send ``new``, add it to the ledger of ``known``; wait until billing holds them all."""
+    await send_resending(bills.stack, new, ledger.with_suffix(f".{len(known)}.csv"), 50, 1)
+    everything = [*known, *new]
+    write_ledger(ledger, everything)
+    results = await reconcile(
+        ledger, bills.stack.gateway, wait_s=60, token=ADMIN_TOKEN, catalog=bills.catalog
+    )
+    assert all(d.exact for d in results), render(results)
+    return everything
+
+
+async def test_issued_months_add_up_with_their_late_readings(
+    bills: BillStack, tmp_path: Path
+) -> None:
+    """late-shop's October is issued, a late reading for it arrives, November is issued
+    (carrying October's adjustment), then late readings for both arrive (open December
+    carries them). Every issued month adds up; a ledger reading never sent is caught."""
+    ledger = tmp_path / "ledger.jsonl"
+    october = every_quarter("2026-10-05T08:00", "2026-10-05T09:00")
+    sent = await send_late(
+        bills,
+        ledger,
+        [],
+        [
+            *readings("late-1", october, 0.4),
+            *readings("late-1", every_quarter("2026-11-05T08:00", "2026-11-05T08:30"), 0.3),
+            *readings("late-2", october, 0.2),
+        ],
+    )
+    closed = await close_period(bills, "2026-10", "late-shop")
+    assert "issued: bill late-shop-2026-10 number 1 " in closed, closed
+    sent = await send_late(bills, ledger, sent, readings("late-1", [utc("2026-10-20T10:00")], 1.5))
+    closed = await close_period(bills, "2026-11", "late-shop")
+    assert "issued: bill late-shop-2026-11 number 2 " in closed, closed
+    sent = await send_late(
+        bills,
+        ledger,
+        sent,
+        [
+            *readings("late-1", [utc("2026-10-27T10:00"), utc("2026-11-22T10:00")], 0.75),
+            *readings("late-2", [utc("2026-10-28T19:00")], 0.5),  # a weekday's day band
+        ],
+    )
+
+    report = await check(bills, ledger, "October and November issued, late readings since")
+    assert report.exact, report.render()
+    rows = {tuple(row.split()[:3]): row for row in report.render().splitlines()}
+    assert (report.checked_devices, report.checked_accounts) == (2, 1)
+    # late-1's October: all three parts in play (late-2's: issued and open December).
+    october_row = rows["late-1", "2026-10", "flat-eur"]
+    assert "issued late-shop-2026-10 " in october_row, october_row
+    assert "later bills 0.00" not in october_row and "open 2026-12 0.00" not in october_row
+    assert "issued late-shop-2026-11 " in rows["late-1", "2026-11", "flat-eur"]
+    assert "issued late-shop-2026-10 " in rows["account", "late-shop", "2026-10"]
+
+    # A late October reading in the ledger that was never sent: October does not add up.
+    tampered = tmp_path / "tampered.jsonl"
+    write_ledger(tampered, [*sent, *readings("late-1", [utc("2026-10-29T10:00")], 2.0)])
+    report = await check(bills, tampered, "a late reading billing never got", settle_s=0)
+    text = report.render()
+    assert not report.exact
+    assert text.splitlines()[-1].endswith("2 differ"), text  # late-1's October and the account's
+    assert "    2026-10 issued as late-shop-2026-10: ledger charges " in text, text
+    assert "on later issued bills + " in text and " on open 2026-12 = " in text, text
+    assert "    late-1: 2026-10 issued as late-shop-2026-10: ledger " in text, text

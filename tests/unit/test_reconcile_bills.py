@@ -19,10 +19,13 @@ from scripts.bill_check import (
     ExpectedBill,
     LedgerReading,
     Line,
+    check_bills,
     compare_bill,
+    compare_issued,
     expected_bill,
     milliwh,
     months_touched,
+    next_month,
     period_of,
     plan,
     read_catalog,
@@ -345,3 +348,306 @@ def test_a_difference_is_named_and_shown(catalog: Catalog) -> None:
     assert text[2] == "    unregistered: expected True, billed False"
     assert text[-2].startswith("account acct-a")
     assert text[-1] == "1 device bills (1 devices), 1 account bills (1 accounts): 1 differ"
+
+
+# --- issued months: the ledger's bill = issued charges + later adjustments + open adjustment --
+#
+# m-flat's October (flat: 0.30 per kWh, 31 days x 0.45 = 13.95, tax 19%), worked by hand:
+# - issued with 4.5 kWh: 1.35 + 13.95 = 15.30, tax 2.907 -> 2.91, charges 18.21; the bill
+#   also carried 0.50 for September, so its total is 18.71;
+# - one late kWh, then November issued: October recomputed with 5.5 kWh is 1.65 + 13.95 =
+#   15.60, tax 2.964 -> 2.96, 18.56: November carries 18.56 - 18.21 = 0.35 and 1 kWh;
+# - one more late kWh: with 6.5 kWh 1.95 + 13.95 = 15.90, tax 3.021 -> 3.02, 18.92: open
+#   December carries 18.92 - 18.21 - 0.35 = 0.36 and 1 kWh.
+# The ledger holds all 6.5 kWh: 18.92 = 18.21 + 0.35 + 0.36, 6.5 = 4.5 + 1 + 1.
+
+OCTOBER_READINGS = [
+    reading("2026-10-01T10:15:00", 4.5),  # billed when October was issued
+    reading("2026-10-12T08:00:00", 1.0),  # late, carried by November
+    reading("2026-10-20T08:00:00", 1.0),  # late, carried by open December
+]
+ASKED_AT = utc("2026-12-02T12:00")
+
+
+def bill_message(
+    device_id: str,
+    tariff_id: str,
+    period: str,
+    energy_kwh: str,
+    subtotal: str,
+    tax: str,
+    total: str,
+    adjustments: tuple[tuple[str, str, str], ...] = (),  # (period, kWh, amount)
+    status: int = billing_pb2.BILL_STATUS_ESTIMATE,
+    bill_id: str = "",
+    zone: ZoneInfo = BERLIN,
+    currency: str = "EUR",
+) -> billing_pb2.Bill:
+    """A device bill as billing answers it; lines are left out (an issued month's are not
+    compared)."""
+    year, month = (int(part) for part in period.split("-"))
+    bounds = period_of(zone, year, month)
+    message = billing_pb2.Bill(
+        device_id=device_id,
+        tariff_id=tariff_id,
+        currency=currency,
+        period=period,
+        energy_kwh=energy_kwh,
+        subtotal=subtotal,
+        tax=tax,
+        total=total,
+        status=status,  # type: ignore[arg-type]
+        bill_id=bill_id,
+    )
+    message.period_start.FromDatetime(bounds.start)
+    message.period_end.FromDatetime(bounds.end)
+    message.as_of.FromDatetime(bounds.end)
+    for adjusted, kwh, amount in adjustments:
+        message.adjustments.add(
+            period=adjusted, issued_bill_id=f"acct-a-{adjusted}", energy_kwh=kwh, amount=amount
+        )
+    return message
+
+
+def issued_october() -> billing_pb2.Bill:
+    return bill_message(
+        "m-flat",
+        "flat",
+        "2026-10",
+        "4.5",
+        "15.30",
+        "2.91",
+        "18.71",
+        adjustments=(("2026-09", "1", "0.50"),),
+        status=billing_pb2.BILL_STATUS_ISSUED,
+        bill_id="acct-a-2026-10",
+    )
+
+
+def issued_november() -> billing_pb2.Bill:
+    """November's own charges do not matter here; it carries 0.35 for October and 0.10 for
+    September (not October's: left out)."""
+    return bill_message(
+        "m-flat",
+        "flat",
+        "2026-11",
+        "0",
+        "13.50",
+        "2.57",
+        "16.52",
+        adjustments=(("2026-09", "0.5", "0.10"), ("2026-10", "1", "0.35")),
+        status=billing_pb2.BILL_STATUS_ISSUED,
+        bill_id="acct-a-2026-11",
+    )
+
+
+def open_december(october: str = "0.36", october_kwh: str = "1") -> billing_pb2.Bill:
+    """Carries October's rest and 0.20 for November (not October's)."""
+    return bill_message(
+        "m-flat",
+        "flat",
+        "2026-12",
+        "0",
+        "0.45",
+        "0.09",
+        str(Decimal("0.54") + Decimal(october) + Decimal("0.20")),
+        adjustments=(("2026-10", october_kwh, october), ("2026-11", "0.5", "0.20")),
+    )
+
+
+def account_bill(period: str, *bills: billing_pb2.Bill) -> billing_pb2.GetAccountBillResponse:
+    total = sum((Decimal(bill.total) for bill in bills), Decimal(0))
+    return billing_pb2.GetAccountBillResponse(
+        account_id="acct-a",
+        currency="EUR",
+        period=period,
+        bills=list(bills),
+        total=str(total),
+        status=billing_pb2.BILL_STATUS_ISSUED,
+        bill_id=f"acct-a-{period}",
+    )
+
+
+def listed() -> list[billing_pb2.GetAccountBillResponse]:
+    """ListBills of acct-a, newest first."""
+    september = bill_message("m-flat", "flat", "2026-09", "1", "1", "1", "2", bill_id="x")
+    return [
+        account_bill("2026-11", issued_november()),
+        account_bill("2026-10", issued_october()),
+        account_bill("2026-09", september),
+    ]
+
+
+def ledger_october(catalog: Catalog, readings: list[LedgerReading]) -> ExpectedBill:
+    october = period_of(BERLIN, 2026, 10)
+    return expected_bill(catalog.tariffs["flat"], october, readings, october.end)
+
+
+def test_an_issued_month_adds_up_with_its_adjustments(catalog: Catalog) -> None:
+    expected = ledger_october(catalog, OCTOBER_READINGS)
+    assert (expected.energy_kwh, expected.total) == ("6.5", "18.92")
+    parts, differences = compare_issued(
+        expected, issued_october(), listed(), "2026-12", open_december(), ASKED_AT
+    )
+    assert differences == []
+    assert (parts.issued, parts.later, parts.open) == (
+        Decimal("18.21"),  # subtotal + tax: not the 0.50 October carried for September
+        Decimal("0.35"),
+        Decimal("0.36"),
+    )
+    assert (parts.issued_kwh, parts.later_kwh, parts.open_kwh) == (
+        Decimal("4.5"),
+        Decimal("1"),
+        Decimal("1"),
+    )
+    assert parts.brief() == "issued acct-a-2026-10 18.21 + later bills 0.35 + open 2026-12 0.36"
+    # Before November was issued, December carried both kWh: 18.92 - 18.21 = 0.71.
+    before = [b for b in listed() if b.period != "2026-11"]
+    _, differences = compare_issued(
+        expected, issued_october(), before, "2026-11", open_december("0.71", "2"), ASKED_AT
+    )
+    assert differences == []
+    assert next_month("2026-12") == "2027-01" and next_month("2026-09") == "2026-10"
+
+
+def test_an_issued_month_that_does_not_add_up_is_named_with_its_parts(catalog: Catalog) -> None:
+    expected = ledger_october(catalog, OCTOBER_READINGS)
+    _, differences = compare_issued(
+        expected, issued_october(), listed(), "2026-12", open_december("0.30", "0.5"), ASKED_AT
+    )
+    assert differences == [
+        "2026-10 issued as acct-a-2026-10: ledger charges 18.92, billed 18.21 issued "
+        "+ 0.35 on later issued bills + 0.30 on open 2026-12 = 18.86",
+        "2026-10 issued as acct-a-2026-10: ledger 6.5 kWh, billed 4.5 issued "
+        "+ 1 on later issued bills + 0.5 on open 2026-12 = 6",
+    ]
+    # One more kWh in the ledger that billing never got: 7.5 kWh x 0.30 = 2.25 + 13.95 =
+    # 16.20, tax 3.078 -> 3.08, 19.28.
+    more = ledger_october(catalog, [*OCTOBER_READINGS, reading("2026-10-25T12:00:00", 1.0)])
+    _, differences = compare_issued(
+        more, issued_october(), listed(), "2026-12", open_december(), ASKED_AT
+    )
+    assert differences == [
+        "2026-10 issued as acct-a-2026-10: ledger charges 19.28, billed 18.21 issued "
+        "+ 0.35 on later issued bills + 0.36 on open 2026-12 = 18.92",
+        "2026-10 issued as acct-a-2026-10: ledger 7.5 kWh, billed 4.5 issued "
+        "+ 1 on later issued bills + 1 on open 2026-12 = 6.5",
+    ]
+
+
+def test_an_issued_bill_and_its_adjustments_must_be_consistent(catalog: Catalog) -> None:
+    expected = ledger_october(catalog, OCTOBER_READINGS)
+    october = issued_october()
+    october.total = "18.21"  # without the 0.50 it carried for September
+    bills = listed()
+    bills[0].bills[0].adjustments[1].issued_bill_id = "acct-b-2026-10"
+    issued_meanwhile = open_december()
+    issued_meanwhile.status = billing_pb2.BILL_STATUS_ISSUED
+    _, differences = compare_issued(expected, october, bills, "2026-12", issued_meanwhile, ASKED_AT)
+    assert differences == [
+        "the adjustment for 2026-10 on 2026-11 names bill acct-b-2026-10, not acct-a-2026-10",
+        "ListBills' 2026-10 bill is not GetDeviceBill's",
+        "2026-12 was issued while checking; ask again",
+        "total: issued 18.21, but subtotal + tax + its adjustments = 18.71",
+        "2026-10 issued as acct-a-2026-10: ledger charges 18.92, billed 18.21 issued "
+        "+ 0.35 on later issued bills + 0.00 on open 2026-12 = 18.56",
+        "2026-10 issued as acct-a-2026-10: ledger 6.5 kWh, billed 4.5 issued "
+        "+ 1 on later issued bills + 0 on open 2026-12 = 5.5",
+    ]
+
+
+class FakeGateway:
+    """GetDeviceBill, GetAccountBill and ListBills (two pages) of acct-a: October and
+    November issued, December open. m-tou, with no readings, was issued 31 days x 0.30 =
+    9.30, tax 7% 0.651 -> 0.65, 9.95."""
+
+    def __init__(self, december: billing_pb2.Bill) -> None:
+        tou = bill_message(
+            "m-tou",
+            "berlin-tou",
+            "2026-10",
+            "0",
+            "9.30",
+            "0.65",
+            "9.95",
+            status=billing_pb2.BILL_STATUS_ISSUED,
+            bill_id="acct-a-2026-10",
+        )
+        self.listed = listed()
+        self.listed[1].bills.append(tou)
+        self.listed[1].total = "28.66"
+        self.device = {("m-flat", "2026-10"): issued_october(), ("m-flat", "2026-12"): december}
+        tou_december = bill_message("m-tou", "berlin-tou", "2026-12", "0", "0.30", "0.02", "0.32")
+        self.account = {
+            "2026-10": self.listed[1],
+            "2026-12": billing_pb2.GetAccountBillResponse(
+                account_id="acct-a", period="2026-12", bills=[december, tou_december]
+            ),
+        }
+        self.pages: list[str] = []
+
+    async def GetDeviceBill(  # noqa: N802 - the gRPC method's name
+        self, request: billing_pb2.GetDeviceBillRequest, **_: object
+    ) -> billing_pb2.GetDeviceBillResponse:
+        return billing_pb2.GetDeviceBillResponse(
+            bill=self.device[request.device_id, request.period]
+        )
+
+    async def GetAccountBill(  # noqa: N802
+        self, request: billing_pb2.GetAccountBillRequest, **_: object
+    ) -> billing_pb2.GetAccountBillResponse:
+        return self.account[request.period]
+
+    async def ListBills(  # noqa: N802
+        self, request: billing_pb2.ListBillsRequest, **_: object
+    ) -> billing_pb2.ListBillsResponse:
+        self.pages.append(request.page_token)
+        if not request.page_token:
+            return billing_pb2.ListBillsResponse(bills=self.listed[:1], next_page_token="p2")
+        return billing_pb2.ListBillsResponse(bills=self.listed[1:])
+
+
+async def test_the_check_reads_every_page_and_the_open_month(catalog: Catalog) -> None:
+    ledger = {"m-flat": {f"r{n}": r for n, r in enumerate(OCTOBER_READINGS)}}
+    gateway = FakeGateway(open_december())
+    report = await check_bills(gateway, catalog, ledger, settle_s=0)  # type: ignore[arg-type]
+    assert report.exact, report.render()
+    assert gateway.pages == ["", "p2", "", "p2"]  # the device's check, then the account's
+    rows = report.render().splitlines()
+    assert rows[1].startswith("m-flat") and rows[1].endswith(
+        "EUR 18.92        18.92   issued acct-a-2026-10 18.21 + later bills 0.35 "
+        "+ open 2026-12 0.36"
+    )
+    # The account: 18.92 + 9.95 = 28.87 = (18.21 + 9.95) + 0.35 + 0.36
+    assert rows[2].startswith("account acct-a") and "EUR 28.87        28.87" in rows[2]
+
+    # The ledger has a reading billing never got: both rows differ, naming the month.
+    ledger["m-flat"]["r9"] = reading("2026-10-25T12:00:00", 1.0)
+    report = await check_bills(FakeGateway(open_december()), catalog, ledger, settle_s=0)  # type: ignore[arg-type]
+    text = report.render()
+    assert text.splitlines()[-1].endswith("2 differ"), text
+    assert "    2026-10 issued as acct-a-2026-10: ledger charges 19.28, billed 18.21" in text
+    assert "    m-flat: 2026-10 issued as acct-a-2026-10: ledger 7.5 kWh, billed 4.5" in text
+
+
+async def test_an_open_account_bill_adds_the_adjustments_its_devices_carry(
+    catalog: Catalog,
+) -> None:
+    """December open, carrying October's and November's adjustments: the account total is
+    the ledger's bills plus those, as billed."""
+    ledger = {"m-flat": {"r1": reading("2026-12-01T10:00:00", 0.0)}}
+    december = period_of(BERLIN, 2026, 12)
+    as_of = utc("2026-12-01T12:00")  # 1 day: 0.45, tax 0.0855 -> 0.09, 0.54
+    flat = expected_bill(catalog.tariffs["flat"], december, ledger["m-flat"].values(), as_of)
+    tou = expected_bill(catalog.tariffs["berlin-tou"], december, [], as_of)
+    assert (flat.total, tou.total) == ("0.54", "0.32")  # 0.30, tax 0.021 -> 0.02
+    gateway = FakeGateway(open_december())
+    for bill in gateway.account["2026-12"].bills:
+        bill.as_of.FromDatetime(as_of)
+        for line in (flat if bill.device_id == "m-flat" else tou).lines:
+            bill.lines.add(**vars(line))
+    gateway.device["m-flat", "2026-12"] = gateway.account["2026-12"].bills[0]
+    gateway.account["2026-12"].currency = "EUR"
+    gateway.account["2026-12"].total = "1.42"  # 0.54 + 0.36 + 0.20 + 0.32
+    report = await check_bills(gateway, catalog, ledger, settle_s=0)  # type: ignore[arg-type]
+    assert report.exact, report.render()
