@@ -35,6 +35,22 @@ MONGODB_URL = os.environ.get("MONGODB_URL", "mongodb://127.0.0.1:27017/")
 # The gateway's admin credential in every test stack: it may send and read for any device.
 ADMIN_TOKEN = "test-admin-token-not-secret-0123456789"
 ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+# A small catalog for tests of bills: one flat EUR tariff, account acme with two meters.
+ACME_CATALOG = """
+default_tariff: flat-eur
+tariffs:
+  - id: flat-eur
+    currency: EUR
+    time_zone: Europe/Berlin
+    standing_charge_per_day: "0.45"
+    tax_rate: "0.19"
+    energy: {kind: flat, price_per_kwh: "0.30"}
+accounts:
+  - {id: acme, name: ACME}
+devices:
+  - {id: meter-1, account: acme, site: plant, tariff: flat-eur}
+  - {id: meter-2, account: acme, site: office, tariff: flat-eur}
+"""
 
 
 @pytest.fixture

@@ -28,23 +28,9 @@ from common.energy.v1 import billing_pb2, billing_pb2_grpc
 from common.models import Reading, validate_reading
 from tests.component.test_billing import cleanup, settings
 from tests.component.test_queries import send
-from tests.conftest import MONGODB_URL
+from tests.conftest import ACME_CATALOG, MONGODB_URL
 
-CATALOG = """
-default_tariff: flat-eur
-tariffs:
-  - id: flat-eur
-    currency: EUR
-    time_zone: Europe/Berlin
-    standing_charge_per_day: "0.45"
-    tax_rate: "0.19"
-    energy: {kind: flat, price_per_kwh: "0.30"}
-accounts:
-  - {id: acme, name: ACME}
-devices:
-  - {id: meter-1, account: acme, site: plant, tariff: flat-eur}
-  - {id: meter-2, account: acme, site: office, tariff: flat-eur}
-"""
+CATALOG = ACME_CATALOG
 # The price of a closed period edited: refused.
 EDITED = CATALOG.replace('price_per_kwh: "0.30"', 'price_per_kwh: "0.31"')
 # A new version after the closed periods: accepted.

@@ -31,23 +31,16 @@ from common.gateway_client import gateway_channel
 from ingestion_service.app import IngestionApp
 from ingestion_service.settings import IngestionSettings
 from tests.component.test_billing import cleanup, settings
-from tests.conftest import ADMIN_TOKEN, REDIS_URL, delete_topology, free_port, wait_until
+from tests.conftest import (
+    ACME_CATALOG,
+    ADMIN_TOKEN,
+    REDIS_URL,
+    delete_topology,
+    free_port,
+    wait_until,
+)
 
-CATALOG = """
-default_tariff: flat-eur
-tariffs:
-  - id: flat-eur
-    currency: EUR
-    time_zone: Europe/Berlin
-    standing_charge_per_day: "0.45"
-    tax_rate: "0.19"
-    energy: {kind: flat, price_per_kwh: "0.30"}
-accounts:
-  - {id: acme, name: ACME}
-devices:
-  - {id: meter-1, account: acme, site: plant, tariff: flat-eur}
-  - {id: meter-2, account: acme, site: office, tariff: flat-eur}
-"""
+CATALOG = ACME_CATALOG
 NOW = datetime.now(UTC)
 # The previous month (in Berlin, the tariff's zone): every reading is in the past.
 PERIOD = (NOW.astimezone().replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
