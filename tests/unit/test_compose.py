@@ -407,7 +407,7 @@ def test_prometheus_and_grafana_are_wired_to_the_stack(compose: dict[str, Any]) 
         if not target.startswith("localhost")
     }
     assert targets <= published, targets - published
-    assert "3000:3000" in services["grafana"]["ports"]
+    assert "127.0.0.1:3000:3000" in services["grafana"]["ports"]
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
 
 
@@ -416,6 +416,24 @@ def test_stores_publish_their_ports_on_loopback_only(compose: dict[str, Any]) ->
         addresses = host_addresses(compose, store)
         assert addresses, f"{store} publishes no port"
         assert set(addresses) == {"127.0.0.1"}, f"{store} binds {addresses}, not 127.0.0.1 only"
+
+
+# What loggers and customers reach from other machines; everything else (internal gRPC
+# without auth, /metrics, Prometheus, Grafana) binds the host's loopback only.
+PUBLIC_PORTS = {("gateway", 50051), ("gateway", 8080)}
+
+
+def test_only_the_gateway_s_public_ports_are_published_beyond_loopback(
+    compose: dict[str, Any],
+) -> None:
+    for service, spec in compose["services"].items():
+        ports, addresses = spec.get("ports") or [], host_addresses(compose, service)
+        for entry, address in zip(ports, addresses, strict=True):
+            target = int(str(entry).split("/", 1)[0].rsplit(":", 1)[-1])
+            if (service, target) in PUBLIC_PORTS:
+                assert address == "", f"{service}:{target} should be reachable from outside"
+            else:
+                assert address == "127.0.0.1", f"{service} publishes {entry} beyond loopback"
 
 
 def test_rabbitmq_user_is_generated_and_not_guest(compose: dict[str, Any]) -> None:
