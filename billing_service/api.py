@@ -17,6 +17,7 @@ from billing_service.domain.usage import InvalidQuery
 from billing_service.queries import BillingQueries, NoCatalog, NotFound
 from common.convert import reading_to_proto
 from common.energy.v1 import billing_pb2, billing_pb2_grpc
+from common.errors import Reason, abort_with_reason
 from common.models import MILLIWH_PER_KWH
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,13 @@ async def _statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     except TransientFailure as error:
         log.warning("query failed: store unavailable", extra={"error": str(error)})
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly")
+        await abort_with_reason(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            f"{error}; retry shortly",
+            Reason.STORE_UNAVAILABLE,
+            {"service": "billing"},
+        )
 
 
 def _instant(stamp: Timestamp) -> datetime:

@@ -33,6 +33,9 @@ class Reason(StrEnum):
     INVALID_READING = "INVALID_READING"  # a reading failed validation
     # An internal service could not be reached at all (metadata "service" names it).
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
+    # A service answered but a store it needs (MongoDB, Redis) failed; metadata "service"
+    # names the service. Nothing changed; retry shortly.
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
 
 
 def error_info_of(

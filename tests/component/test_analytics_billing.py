@@ -21,6 +21,7 @@ from billing_service.adapters.mongo import MongoCatalog
 from billing_service.api import STREAM_CHUNK
 from billing_service.app import BillingApp
 from common.energy.v1 import billing_pb2, billing_pb2_grpc
+from common.errors import Reason, error_info
 from common.models import Reading, validate_reading
 from tests.component.test_billing import cleanup, settings
 from tests.conftest import RABBITMQ_URL, delete_topology, free_port, wait_until
@@ -133,6 +134,9 @@ async def test_no_catalog_is_failed_precondition_and_redis_down_is_unavailable(p
             await latest_chunks(app)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "retry shortly" in (caught.value.details() or "")
+        info = error_info(caught.value)  # billing answered: its store failed, not billing
+        assert info is not None and info.reason == Reason.STORE_UNAVAILABLE
+        assert dict(info.metadata) == {"service": "billing"}
     finally:
         await app.stop()
         await cleanup(prefix, app)
