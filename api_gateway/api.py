@@ -24,7 +24,7 @@ from api_gateway.adapters.credentials import (
     TokenExists,
 )
 from api_gateway.adapters.ingestion import IngestionClient
-from api_gateway.auth import Principal, Subject, TokenKind
+from api_gateway.auth import ROTATE_RPC, Principal, Subject, TokenKind
 from api_gateway.batcher import BatcherClosed, UnaryBatcher
 from api_gateway.guard import Guard
 from api_gateway.identity import caller
@@ -248,7 +248,7 @@ class DeviceAdminServicer(gateway_pb2_grpc.DeviceAdminServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"{subject.description} already has a token; use "
-                f"{_ROTATE[subject.kind]} to replace it",
+                f"{ROTATE_RPC[subject.kind]} to replace it",
             )
         except CredentialStoreUnavailable:
             await _store_unavailable(context)
@@ -302,7 +302,6 @@ class DeviceAdminServicer(gateway_pb2_grpc.DeviceAdminServicer):
 
 
 _REGISTER = {TokenKind.DEVICE: "RegisterDevice", TokenKind.ACCOUNT: "IssueAccountToken"}
-_ROTATE = {TokenKind.DEVICE: "RotateDeviceToken", TokenKind.ACCOUNT: "RotateAccountToken"}
 
 
 async def _no_token(subject: Subject, context: grpc.aio.ServicerContext) -> None:

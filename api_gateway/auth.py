@@ -35,6 +35,10 @@ class TokenKind(StrEnum):
     ACCOUNT = "account"
 
 
+# The DeviceAdmin RPC that gives a subject of each kind a new token.
+ROTATE_RPC = {TokenKind.DEVICE: "RotateDeviceToken", TokenKind.ACCOUNT: "RotateAccountToken"}
+
+
 @dataclass(frozen=True)
 class Subject:
     """What a token speaks for: a device or an account, by id."""
@@ -166,13 +170,10 @@ class Authenticator:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "invalid token")
         subject = credential.subject
         if credential.revoked_at is not None:
-            rotate = {TokenKind.ACCOUNT: "RotateAccountToken"}.get(
-                subject.kind, "RotateDeviceToken"
-            )
             raise AuthError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"the token of {subject.description} was revoked; ask the operator "
-                f"for a new one (DeviceAdmin/{rotate})",
+                f"for a new one (DeviceAdmin/{ROTATE_RPC[subject.kind]})",
                 token=subject.kind.value,
             )
         if subject.kind == TokenKind.ACCOUNT:
