@@ -2,7 +2,7 @@
 
 The fleet's demand in a slot is the energy of every reading whose metering interval ends
 in that slot, summed over all devices, times 4: kWh per 15 minutes is the average kW over
-them. Slots are billing's (``billing_service.domain.ledger.slot_start``): the 15-minute UTC
+them. Slots are billing's, from ``common.slots``: the 15-minute UTC
 grid, a slot (start, start + 15 min] holding the readings that end in it, so a reading
 ending at 12:15:00 belongs to the slot that starts at 12:00. The peak is the highest slot of
 the current UTC calendar month (billing's per-tariff months are local ones); of slots with
@@ -20,15 +20,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from common.models import MILLIWH_PER_KWH, Reading
+from common.slots import EPOCH, SLOT, slot_index
 
-SLOT = timedelta(minutes=15)
 SLOT_S = 900
 SLOTS_PER_HOUR = 4  # kWh in a 15-minute slot, times this, is its average kW
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TICK = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -42,13 +40,6 @@ class Peak:
     slot_start_s: int
 
 
-def slot_index(timestamp: datetime) -> int:
-    """Number of the 15-minute UTC slot, since the epoch, whose (start, end] holds it."""
-    # Integer timedelta arithmetic: the same slot as billing's slot_start, without
-    # building a datetime per reading.
-    return (timestamp - _EPOCH - _TICK) // SLOT
-
-
 def month_slots(unix_s: float) -> tuple[int, int]:
     """First slot of the UTC month holding ``unix_s``, and the first slot of the next one."""
     now = datetime.fromtimestamp(unix_s, UTC)
@@ -58,7 +49,7 @@ def month_slots(unix_s: float) -> tuple[int, int]:
         if start.month == 12
         else start.replace(month=start.month + 1)
     )
-    return (start - _EPOCH) // SLOT, (after - _EPOCH) // SLOT
+    return (start - EPOCH) // SLOT, (after - EPOCH) // SLOT
 
 
 class FleetDemand:

@@ -21,7 +21,6 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from billing_service.domain.ledger import SLOT, slot_start
 from billing_service.domain.tariff import (
     FlatEnergy,
     Tariff,
@@ -31,6 +30,7 @@ from billing_service.domain.tariff import (
     VersionSpan,
     minor_units,
 )
+from common.slots import SLOT, slot_start
 
 Unit = Literal["kWh", "day", "kW", ""]
 SLOTS_PER_HOUR = 4  # a slot's kWh x 4 is its average power in kW

@@ -16,24 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from functools import cached_property
 from typing import Protocol
 
 from common.models import MILLIWH_PER_KWH, Reading
-
-SLOT = timedelta(minutes=15)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from common.slots import slot_start
 
 
 class TransientFailure(Exception):
     """A store is unreachable or timed out: retry later, the reading must not be lost."""
-
-
-def slot_start(timestamp: datetime) -> datetime:
-    """Start of the 15-minute UTC slot whose interval (start, start + 15 min] holds it."""
-    before = timestamp.astimezone(UTC) - timedelta(microseconds=1)
-    return before - (before - _EPOCH) % SLOT
 
 
 @dataclass(frozen=True)

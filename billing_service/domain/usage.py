@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from billing_service.domain.ledger import SLOT
+from common.slots import SLOT
 
 WINDOWS = {
     "1m": timedelta(minutes=1),

@@ -40,12 +40,13 @@ import typer
 
 from billing_service.adapters.mongo import MongoLedger
 from billing_service.adapters.mongo_batch import ENERGY_MAP
-from billing_service.domain.ledger import SLOT, SlotKey, slot_start
+from billing_service.domain.ledger import SlotKey
 from billing_service.settings import BillingSettings
 from common.messages import CONTENT_TYPE, encode_batch, encode_reading
 from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY, Topology, declare_topology
 from common.settings import load_settings
+from common.slots import SLOT, slot_start
 from scripts.bench.broker import aio_pika_baseline
 from scripts.bench.measure import (
     MONGODB_PROCESS,

@@ -26,8 +26,8 @@ from billing_service.domain.bill import (
     period_of_month,
     with_adjustments,
 )
-from billing_service.domain.ledger import slot_start
 from billing_service.domain.tariff import Tariff
+from common.slots import slot_start
 
 # Prices change mid-November and again in January; the tiers make a late reading's price
 # depend on the energy before it, and the demand charge on the slots around it.

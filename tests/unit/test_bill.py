@@ -26,8 +26,8 @@ from billing_service.domain.bill import (
     compute_bill,
     period_of_month,
 )
-from billing_service.domain.ledger import slot_start
 from billing_service.domain.tariff import Tariff, minor_units
+from common.slots import slot_start
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[2] / "deployments" / "tariffs.yaml")
 # The sample's standard tariff before its price change of 2026-11-16 (one version).

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from billing_service.adapters.catalog_file import parse_catalog
 from billing_service.domain.bill import Bill, compute_bill, period_of_month
-from billing_service.domain.ledger import SLOT
+from common.slots import SLOT
 from scripts import bill_check
 
 CATALOG = """\

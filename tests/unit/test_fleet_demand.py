@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from analytics_service.consumer import AnalyticsHandler
 from analytics_service.domain.demand import FleetDemand, Peak, slot_index
 from analytics_service.domain.tally import Tally, Windows
-from billing_service.domain.ledger import slot_start
 from common.models import Reading, validate_reading
+from common.slots import slot_start
 
 NOV = datetime(2026, 11, 1, tzinfo=UTC)
 DEC = datetime(2026, 12, 1, tzinfo=UTC)
