@@ -10,7 +10,7 @@ rows of ``api_gateway.reads.READS``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -31,7 +31,7 @@ from api_gateway.identity import caller
 from api_gateway.reads import READS, ReadForwarder
 from api_gateway.upstream import abort_upstream_failure
 from common.convert import reading_from_proto
-from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc
+from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.errors import Reason, reason_of
 from common.models import ID_PATTERN, ID_RULE, InvalidReading, Limits, Reading
 
@@ -80,7 +80,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         principal = caller()
         await self._guard.require_sender(principal, context)
         try:
-            reading = self._validate(request)
+            if request.readings:
+                READINGS_REJECTED.labels("readings").inc(len(request.readings))
+                raise InvalidReading(
+                    "readings",
+                    "SendReading takes one reading, in `reading`; send several on SendReadings, "
+                    "where one stream message may carry them all in `readings`",
+                )
+            reading = self._validate(request.reading if request.HasField("reading") else None)
         except InvalidReading as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         # Who may send and how fast is decided per call, before the reading joins a batch.
@@ -102,32 +109,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         response = gateway_pb2.SendReadingsResponse()
         rejected_count = 0
         batch: list[Reading] = []
-        index = 0
+        index = 0  # of the next reading in the stream, over every message's readings
+
+        def reject(device_id: str, error: InvalidReading, readings: int = 1) -> None:
+            nonlocal rejected_count
+            rejected_count += readings
+            if len(response.rejected) < self._max_reported_rejections:
+                response.rejected.add(index=index, device_id=device_id[:128], reason=str(error))
+
         async for request in request_iterator:
-            if index >= self._max_stream_readings:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"a stream carries at most {self._max_stream_readings} readings "
-                    f"(GATEWAY_MAX_STREAM_READINGS); open a new stream for the rest"
-                    + _accepted_note(response.accepted),
-                )
             try:
-                reading = self._validate(request)
+                messages = _readings_of(request)
             except InvalidReading as error:
-                rejected_count += 1
-                if rejected_count <= self._max_reported_rejections:
-                    response.rejected.add(
-                        index=index, device_id=request.reading.device_id[:128], reason=str(error)
+                readings = len(request.readings) + 1
+                reject(request.reading.device_id, error, readings)
+                index += readings
+                continue
+            for message in messages:
+                if index >= self._max_stream_readings:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"a stream carries at most {self._max_stream_readings} readings "
+                        f"(GATEWAY_MAX_STREAM_READINGS); open a new stream for the rest"
+                        + _accepted_note(response.accepted),
                     )
-            else:
-                await self._guard.require_device(
-                    principal, reading.device_id, context, _accepted_note(response.accepted)
-                )
-                batch.append(reading)
-            if len(batch) >= self._batch_size:
-                await self._send_batch(principal, batch, context, response)
-                batch = []
-            index += 1
+                try:
+                    reading = self._validate(message)
+                except InvalidReading as error:
+                    reject(message.device_id if message is not None else "", error)
+                else:
+                    await self._guard.require_device(
+                        principal, reading.device_id, context, _accepted_note(response.accepted)
+                    )
+                    batch.append(reading)
+                    if len(batch) >= self._batch_size:
+                        await self._send_batch(principal, batch, context, response)
+                        batch = []
+                index += 1
         if batch:
             await self._send_batch(principal, batch, context, response)
         response.rejected_count = rejected_count
@@ -146,11 +164,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         response.accepted += len(batch)
 
-    def _validate(self, request: gateway_pb2.SendReadingRequest) -> Reading:
+    def _validate(self, message: reading_pb2.Reading | None) -> Reading:
         try:
-            if not request.HasField("reading"):
+            if message is None:
                 raise InvalidReading("reading", "is missing; put the reading in the request")
-            return reading_from_proto(request.reading, now=datetime.now(UTC), limits=self._limits)
+            return reading_from_proto(message, now=datetime.now(UTC), limits=self._limits)
         except InvalidReading as error:
             READINGS_REJECTED.labels(error.field).inc()
             raise
@@ -178,6 +196,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             "forwarded",
             extra={"readings": len(readings), "first_reading_id": readings[0].reading_id},
         )
+
+
+def _readings_of(
+    request: gateway_pb2.SendReadingRequest,
+) -> Sequence[reading_pb2.Reading | None]:
+    """A stream message's readings: ``readings``, or ``reading`` (None when it has neither,
+    which validation rejects as missing)."""
+    if not request.readings:
+        return [request.reading if request.HasField("reading") else None]
+    if request.HasField("reading"):
+        error = InvalidReading(
+            "reading",
+            f"is set along with `readings` ({len(request.readings)}); a message carries one "
+            "or the other, so none of its readings was taken: resend them all in `readings`",
+        )
+        READINGS_REJECTED.labels(error.field).inc(len(request.readings) + 1)
+        raise error
+    return request.readings
 
 
 def _accepted_note(accepted: int) -> str:

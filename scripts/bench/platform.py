@@ -51,12 +51,15 @@ from scripts import client_options as client
 from scripts.bench.broker import aio_pika_baseline, perf_test
 from scripts.bench.loaded import DEFAULT_BILLING_METRICS_URL, BenchStack
 from scripts.bench.measure import listening
-from scripts.bench.report import ratios, render_table
+from scripts.bench.report import ratios, render_table, stream_figure_name
 from scripts.bench.stack import Stack, server_url
 from scripts.bench.stream import StreamPlan, billed_run, run_streams
 from scripts.bench.unary import unary_section
 
 SECTIONS = ("broker", "streaming", "unary", "devices")
+# Streams of (readings per stream, readings per stream message): loggers that send one
+# reading a message, and loggers that pack them in `readings`.
+STREAM_SHAPES = ((100, 1), (1000, 1), (1000, 100), (10_000, 1000))
 ON_REQUEST = ("soak",)  # long: run only when named in --only
 SOAK_ROUNDS, SOAK_DEVICES = 10, 10_000
 
@@ -117,7 +120,9 @@ class Bench:
             "perf_test": perf_test(o["rabbitmq_url"], prefix, o["perf_test_s"], 100, 100),
         }
 
-    def plan(self, readings: int, batch: int, devices: int, label: str) -> StreamPlan:
+    def plan(
+        self, readings: int, batch: int, devices: int, label: str, per_message: int = 1
+    ) -> StreamPlan:
         return StreamPlan(
             target=self.stack.target,
             token=self.token,
@@ -127,6 +132,7 @@ class Bench:
             device_prefix=f"{self.run_id}-{label}",
             clients=self.opts["clients"],
             streams=self.opts["streams"],
+            per_message=per_message,
         )
 
     def streaming(self) -> dict[str, Any]:
@@ -139,16 +145,19 @@ class Bench:
         )
         self.stack.purge()
         figures = {"billed": billed}
-        for batch in (100, 1000):
+        for batch, per_message in STREAM_SHAPES:
             cpu_before = self.stack.cpu_seconds()
-            figure = run_streams(self.plan(o["stream_readings"], batch, 1000, f"b{batch}"))
+            name = stream_figure_name(batch, per_message)
+            figure = run_streams(
+                self.plan(o["stream_readings"], batch, 1000, name.replace("_", ""), per_message)
+            )
             cpu_after, accepted = self.stack.cpu_seconds(), max(figure["accepted"], 1)
             # Billing drains its backlog meanwhile: the MongoDB server's share is billing's work.
             figure["cpu_us_per_reading"] = {
                 name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / accepted * 1e6, 1)
                 for name in cpu_after
             }
-            figures[f"batch_{batch}"] = figure
+            figures[name] = figure
             self.stack.purge()
         return figures
 

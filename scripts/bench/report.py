@@ -65,12 +65,24 @@ def _broker(table: Rows, broker: dict[str, Any]) -> None:
         table.add("broker", "consume, same run", perf["consume_per_s"], "msg/s", perf["tool"])
 
 
+def stream_figure_name(batch: int, per_message: int) -> str:
+    """``batch_1000``: one reading a stream message; ``batch_1000_packed_100``: 100 a message."""
+    return f"batch_{batch}" + (f"_packed_{per_message}" if per_message > 1 else "")
+
+
+def _shape(fig: dict[str, Any]) -> str:
+    per_message = fig.get("per_message", 1)
+    packed = f" packed {per_message:,} a message" if per_message > 1 else ", one a message"
+    return f"batches of {fig['batch']:,}{packed}"
+
+
 def _streaming(table: Rows, streaming: dict[str, Any]) -> None:
-    for batch in (100, 1000):
-        if fig := streaming.get(f"batch_{batch}"):
+    for name, fig in streaming.items():
+        if name.startswith("batch_"):
+            batch = _shape(fig)
             table.add(
                 "streaming",
-                f"accepted, batches of {batch}, {fig['accepted']:,} readings" + _errors(fig),
+                f"accepted, {batch}, {fig['accepted']:,} readings" + _errors(fig),
                 fig["accepted_per_s"],
                 "readings/s",
                 fig["tool"],
@@ -79,7 +91,7 @@ def _streaming(table: Rows, streaming: dict[str, Any]) -> None:
             if cpu := fig.get("cpu_us_per_reading"):
                 table.add(
                     "streaming",
-                    f"CPU per reading, batches of {batch}: "
+                    f"CPU per reading, {batch}: "
                     + ", ".join(f"{name} {us:.0f}" for name, us in cpu.items()),
                     sum(cpu.values()),
                     "µs",

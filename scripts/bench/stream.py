@@ -50,10 +50,16 @@ class StreamPlan:
     max_s: float = 60.0
     timeout_s: float = 60.0
     earlier_s: float = 0.0  # move every timestamp back this far (a soak's later rounds)
+    per_message: int = 1  # readings per stream message: more than 1 packs them in `readings`
 
 
-def worker_batches(plan: StreamPlan, worker: int, now: float) -> list[list[bytes]]:
-    """The serialised SendReadingRequests of the batches client ``worker`` sends.
+# A stream's serialised requests, with the number of readings they carry.
+Batch = tuple[int, list[bytes]]
+
+
+def worker_batches(plan: StreamPlan, worker: int, now: float) -> list[Batch]:
+    """The serialised SendReadingRequests of the batches client ``worker`` sends: one
+    reading each, or ``per_message`` of them packed in ``readings``.
 
     Reading ``i`` belongs to device ``i % devices`` and its round ``i // devices`` sets the
     timestamp; batch ``k`` holds readings ``k*batch ...`` and goes to client ``k % clients``.
@@ -63,12 +69,19 @@ def worker_batches(plan: StreamPlan, worker: int, now: float) -> list[list[bytes
     ids = [f"{plan.device_prefix}-{d:05d}" for d in range(plan.devices)]
     batches = []
     for k in range(worker, math.ceil(plan.readings / plan.batch), plan.clients):
-        batch = []
+        readings = []
         for i in range(k * plan.batch, min((k + 1) * plan.batch, plan.readings)):
             reading = reading_pb2.Reading(device_id=ids[i % plan.devices], usage_kwh=0.01)
             reading.timestamp.seconds = first_s + (i // plan.devices) * 60
-            batch.append(gateway_pb2.SendReadingRequest(reading=reading).SerializeToString())
-        batches.append(batch)
+            readings.append(reading)
+        if plan.per_message == 1:
+            requests = [gateway_pb2.SendReadingRequest(reading=r) for r in readings]
+        else:
+            requests = [
+                gateway_pb2.SendReadingRequest(readings=readings[j : j + plan.per_message])
+                for j in range(0, len(readings), plan.per_message)
+            ]
+        batches.append((len(readings), [request.SerializeToString() for request in requests]))
     return batches
 
 
@@ -78,7 +91,7 @@ def _cpu_s() -> float:
 
 
 async def _send(
-    plan: StreamPlan, batches: list[list[bytes]], started: Callable[[], None]
+    plan: StreamPlan, batches: list[Batch], started: Callable[[], None]
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"accepted": 0, "rejected": 0, "sent": 0, "resent": 0, "errors": {}}
     first_error: dict[str, str] = {}
@@ -93,16 +106,18 @@ async def _send(
         pending = iter(batches)
 
         async def stream() -> None:
-            for batch in pending:
+            for readings, batch in pending:
                 if time.monotonic() - began > plan.max_s:
                     return
-                result["sent"] += len(batch)
-                reply = await send_resending(batch)
+                result["sent"] += readings
+                reply = await send_resending(readings, batch)
                 if reply is not None:
                     result["accepted"] += reply.accepted
                     result["rejected"] += reply.rejected_count
 
-        async def send_resending(batch: list[bytes]) -> gateway_pb2.SendReadingsResponse | None:
+        async def send_resending(
+            readings: int, batch: list[bytes]
+        ) -> gateway_pb2.SendReadingsResponse | None:
             """As a logger does: a stream refused under backpressure is resent after the
             server's retry hint (else a short backoff) while the run lasts."""
             backoff_s = RESEND_BACKOFF_S
@@ -116,7 +131,7 @@ async def _send(
                         backoff_s = min(2 * backoff_s, 1.0)
                         continue
                     code = error.code().name
-                    result["errors"][code] = result["errors"].get(code, 0) + len(batch)
+                    result["errors"][code] = result["errors"].get(code, 0) + readings
                     first_error.setdefault(code, error.details() or "")
                     return None
 

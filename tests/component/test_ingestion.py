@@ -175,6 +175,77 @@ async def test_a_stream_publishes_the_valid_readings_and_lists_the_rest(stub, pr
     assert len({m.message_id for m in messages}) == 3
 
 
+async def test_stream_messages_carrying_many_readings_count_each_reading_in_order(
+    stub, prefix
+) -> None:
+    def packed(*minutes: int, device: str = "meter-1") -> gateway_pb2.SendReadingRequest:
+        return gateway_pb2.SendReadingRequest(
+            readings=[request(device=device, minutes=m).reading for m in minutes]
+        )
+
+    both = packed(20, 21)
+    both.reading.CopyFrom(request(minutes=22).reading)
+    bad = packed(5, 6, 7)
+    bad.readings[1].usage_kwh = -1
+    requests = [
+        packed(0, 1, 2, 3, 4),  # indexes 0-4
+        bad,  # 5-7, the negative one at 6
+        request(minutes=8),  # 8
+        both,  # 9-11: neither of its parts is taken
+        packed(12, device="bad id"),  # 12
+        packed(*range(13, 20)),  # 13-19
+    ]
+
+    async def stream():
+        for r in requests:
+            yield r
+
+    response = await stub.SendReadings(stream(), timeout=10)
+    assert response.accepted == 15 and response.rejected_count == 5
+    assert [(r.index, r.device_id) for r in response.rejected] == [
+        (6, "meter-1"),
+        (9, "meter-1"),
+        (12, "bad id"),
+    ]
+    assert "negative" in response.rejected[0].reason
+    assert "along with `readings` (2)" in response.rejected[1].reason
+    reading_ids = await drain_reading_ids(Topology(prefix).billing_queue)
+    expected = [m for m in range(20) if m not in (6, 9, 10, 11, 12)]
+    assert reading_ids == [derive_reading_id("meter-1", T + timedelta(minutes=m)) for m in expected]
+
+    # SendReading takes one reading: a request with `readings` is refused and nothing sent.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SendReading(packed(30, 31), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("readings: SendReading takes one reading")
+    assert await drain(Topology(prefix).billing_queue) == []
+
+
+async def test_the_stream_limit_counts_packed_readings(prefix: str) -> None:
+    ingestion, gateway = await start_pipeline(prefix, gateway_settings={"max_stream_readings": 10})
+    await ingestion.publisher._connecting  # connected before the first RPC
+    channel = gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN)
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def stream():
+            yield gateway_pb2.SendReadingRequest(
+                readings=[request(minutes=m).reading for m in range(11)]
+            )
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.SendReadings(stream(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The readings before the limit went out in chunks of 7: 7 accepted, 3 not.
+        assert "at most 10 readings" in caught.value.details()
+        assert "7 readings of this stream were accepted" in caught.value.details()
+    finally:
+        await channel.close()
+        await gateway.stop()
+        await ingestion.stop()
+        await delete_topology(prefix)
+
+
 async def test_a_large_publish_is_split_into_messages_of_at_most_the_cap(prefix: str) -> None:
     ingestion, gateway = await start_pipeline(prefix, max_message_readings=500)
     await ingestion.publisher._connecting
