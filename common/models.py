@@ -6,6 +6,7 @@ saying what a person must change.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
@@ -18,6 +19,7 @@ ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ : - starting with a letter or d
 # Namespace for reading ids derived from device_id + timestamp (uuid5): fixed forever,
 # or resent readings would stop deduplicating.
 READING_ID_NAMESPACE = uuid.UUID("6f1c1a52-8d0e-4c47-9a53-3f0c2b7d9e41")
+_NAMESPACE_BYTES = READING_ID_NAMESPACE.bytes
 MILLIWH_PER_KWH = 1_000_000
 
 
@@ -57,9 +59,19 @@ class Reading:
 
 
 def derive_reading_id(device_id: str, timestamp: datetime) -> str:
-    """The deterministic idempotency key of a reading that came without one."""
+    """The deterministic idempotency key of a reading that came without one: the uuid5 of
+    ``device_id|instant`` in READING_ID_NAMESPACE.
+
+    Computed as ``uuid.uuid5`` does (RFC 4122: SHA-1 of namespace + name, version and
+    variant bits set) without building UUID objects, which cost twice the hash itself, for
+    every reading without an id, at the gateway.
+    """
     instant = timestamp.astimezone(UTC).isoformat(timespec="microseconds")
-    return str(uuid.uuid5(READING_ID_NAMESPACE, f"{device_id}|{instant}"))
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{device_id}|{instant}".encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    hex_ = digest[:16].hex()
+    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 
 
 def validate_reading(

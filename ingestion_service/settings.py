@@ -25,12 +25,14 @@ class IngestionSettings(BrokerSettings, ServerTlsSettings):
         validation_alias=AliasChoices("INGESTION_RABBITMQ_URL", "RABBITMQ_URL"),
     )
     confirm_timeout_s: float = Field(5.0, gt=0, description="wait this long for broker confirms")
-    # About a second of confirms of the slowest broker measured (2,000 persistent messages/s),
-    # so a confirm is waited for about a second there, far from the 5 s deadlines; four of
-    # the gateway's batches of 500. A faster broker is not slowed: a window of 500 readings
-    # already confirms as fast as one of 4,000 (ingestion's CPU is the limit there).
+    # Twenty of the gateway's batches of 500, each one broker message (schema 2): the bound
+    # counts readings, the broker's confirm work is per message. 2,000 (four messages) was
+    # chosen when every reading was a message; with packed streams it held the platform at
+    # 10,000-16,000 readings/s with refusals where 10,000 gave 19,000-26,000 without any
+    # (make bench, 2-core machine). On the slowest broker seen (2,000 messages/s), twenty
+    # messages of about 75 KB should confirm far within the 5 s deadlines (estimated).
     max_in_flight_readings: int = Field(
-        2000,
+        10_000,
         ge=1,
         description="readings waiting for confirms at most; beyond, RESOURCE_EXHAUSTED at once",
     )

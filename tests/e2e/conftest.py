@@ -98,7 +98,12 @@ async def slow_broker_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
     stack = Stack(
         prefix=f"e2e{uuid.uuid4().hex[:8]}-",
         log_dir=tmp_path_factory.mktemp("logs"),
-        settings={**TEST_SETTINGS, "INGESTION_RABBITMQ_URL": proxy.url(RABBITMQ_URL)},
+        settings={
+            **TEST_SETTINGS,
+            "INGESTION_RABBITMQ_URL": proxy.url(RABBITMQ_URL),
+            # The bound test_backpressure's loads are sized against (four times it at once).
+            "INGESTION_MAX_IN_FLIGHT_READINGS": "2000",
+        },
     )
     try:
         async with running(stack):

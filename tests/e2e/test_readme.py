@@ -51,7 +51,7 @@ READS = ("GetLatestReading", "GetDeviceBill", "GetUsage", "ListReadings", "local
 
 def test_the_readme_has_the_examples() -> None:
     commands = " ".join(command for command, _ in EXAMPLES)
-    assert len(EXAMPLES) == 32
+    assert len(EXAMPLES) == 33
     assert all(
         name in commands
         for name in (
@@ -59,6 +59,7 @@ def test_the_readme_has_the_examples() -> None:
             "RegisterDevice",
             "/SendReading\n",
             "/SendReadings",
+            '{"readings": [',
             "Health",
             "make close-period",
             "IssueAccountToken",

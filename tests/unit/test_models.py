@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.models import (
     DEFAULT_LIMITS,
+    ID_PATTERN,
+    READING_ID_NAMESPACE,
     InvalidReading,
     Limits,
     derive_reading_id,
@@ -91,3 +96,16 @@ def test_a_given_reading_id_is_kept() -> None:
 
 def test_energy_is_converted_to_exact_integer_milliwatt_hours() -> None:
     assert check(usage_kwh=0.1).usage_milliwh + check(usage_kwh=0.2).usage_milliwh == 300_000
+
+
+# Ids of readings resent years apart must match: the derivation is uuid5, bit for bit.
+@given(
+    device_id=st.from_regex(ID_PATTERN, fullmatch=True),
+    timestamp=st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+)
+def test_a_derived_id_is_the_uuid5_of_device_and_instant(device_id: str, timestamp: datetime):
+    instant = timestamp.isoformat(timespec="microseconds")
+    expected = str(uuid.uuid5(READING_ID_NAMESPACE, f"{device_id}|{instant}"))
+    assert derive_reading_id(device_id, timestamp) == expected
