@@ -18,6 +18,7 @@ from api_gateway.auth import require_device as _require_device
 from api_gateway.auth import require_sender as _require_sender
 from api_gateway.ratelimit import RateLimits, RedisRateLimiter
 from api_gateway.upstream import abort_upstream_failure
+from common.interceptors import add_trailing_metadata
 from common.models import Reading
 
 AUTH_FAILURES = Counter(
@@ -165,7 +166,7 @@ class Guard:
                 advice = f"a batch of {count} can never fit: send fewer readings per stream batch"
             else:
                 wait_ms = max(1, math.ceil(decision.retry_after_s * 1000))
-                context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(wait_ms)),))
+                add_trailing_metadata(context, (RETRY_PUSHBACK_KEY, str(wait_ms)))
                 advice = f"retry in {decision.retry_after_s:.3f} s"
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit: {limit}; {advice}{note}"

@@ -16,6 +16,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from common.interceptors import add_trailing_metadata
+
 DOMAIN = "energy.v1"
 
 
@@ -77,7 +79,8 @@ async def abort_with_info(
     """``context.abort`` with ``info`` (and ``retry``) attached; the caller sees ``code`` and
     ``message``."""
     status = rich_status(code, message, info, retry)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailers = add_trailing_metadata(context, *status.trailing_metadata)
+    await context.abort(status.code, status.details, trailers)
     raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
 

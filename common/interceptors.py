@@ -46,8 +46,12 @@ def wrap_unary_response(
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     """Binds the call's ``x-request-id`` (or a new id) for the length of the call.
 
-    With ``echo`` (the public gateway) the id goes back to the caller in the initial
+    With ``echo`` (the public gateway) the id goes back to the caller in the trailing
     metadata, so a caller that sent none can still quote it; internal services skip that.
+    Trailers, not headers: they go out with the status at no cost, while initial metadata
+    is a send of its own, about a fifth of the gateway's SendReading calls/s at c=64. Code
+    that sets trailers later keeps it (``add_trailing_metadata``), and an abort without
+    trailers of its own sends those already set.
     """
 
     def __init__(self, echo: bool = False) -> None:
@@ -65,11 +69,21 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         @asynccontextmanager
         async def bound(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             if self._echo:
-                await context.send_initial_metadata(((REQUEST_ID_HEADER, the_id),))
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, the_id),))
             with request_id.bound(the_id):
                 yield
 
         return wrap_unary_response(handler, bound) or handler
+
+
+def add_trailing_metadata(
+    context: grpc.aio.ServicerContext, *pairs: tuple[str, str | bytes]
+) -> tuple[tuple[str, str | bytes], ...]:
+    """Set ``pairs`` as trailers beside those already set (such as the echoed request id);
+    return them all, for an ``abort`` that names its trailers."""
+    trailers = (*(context.trailing_metadata() or ()), *pairs)
+    context.set_trailing_metadata(trailers)
+    return trailers
 
 
 class _WithRequestId:

@@ -232,8 +232,9 @@ async def test_over_the_device_rate_is_resource_exhausted_with_the_wait(
         call = stub.SendReading(request("meter-d", 3), timeout=10)
         details = await refused(call, Code.RESOURCE_EXHAUSTED)
         assert "device 'meter-d' may send 0.01 readings/s (burst 3); retry in" in details
-        pushback = dict(await call.trailing_metadata())["grpc-retry-pushback-ms"]
-        assert 0 < int(pushback) <= interval_s * 1000
+        trailers = dict(await call.trailing_metadata())
+        assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= interval_s * 1000
+        assert len(trailers["x-request-id"]) == 32  # the echoed id stays beside the hint
         assert await gateway.published() == 3
         # A token interval later (the bucket's clock moved back by one interval): one more.
         key = f"{prefix}ratelimit:device:meter-d"

@@ -53,13 +53,13 @@ def services_logging(caplog: pytest.LogCaptureFixture, the_id: str) -> set[str]:
 
 
 async def send(port: int, metadata: tuple[tuple[str, str], ...] = ()) -> str:
-    """Send one reading; return the request id the gateway answered in initial metadata."""
+    """Send one reading; return the request id the gateway answered in trailing metadata."""
     async with gateway_channel(f"127.0.0.1:{port}", ADMIN_TOKEN) as channel:
         call = gateway_pb2_grpc.GatewayStub(channel).SendReading(
             request(), metadata=metadata, timeout=10
         )
         await call
-        answered = dict(await call.initial_metadata())
+        answered = dict(await call.trailing_metadata())
     return str(answered[REQUEST_ID_HEADER])
 
 
@@ -108,4 +108,17 @@ async def test_broker_down_is_a_typed_reason_logged_by_both_services(
         await ingestion.stop()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert reason_of(caught.value) == Reason.BROKER_UNAVAILABLE
+    # The failure's trailers carry both the typed reason and the echoed id.
+    assert dict(caught.value.trailing_metadata())[REQUEST_ID_HEADER] == "down-1"
     assert {"api_gateway", "ingestion_service"} <= services_logging(caplog, "down-1")
+
+
+async def test_a_refused_call_answers_its_id_too(pipeline) -> None:
+    _, gateway = pipeline
+    async with gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway_pb2_grpc.GatewayStub(channel).SendReading(
+                request(kwh=-1), metadata=((REQUEST_ID_HEADER, "bad-1"),), timeout=10
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(caught.value.trailing_metadata())[REQUEST_ID_HEADER] == "bad-1"
