@@ -48,6 +48,10 @@ STREAMS, STREAM_READINGS = 16, 500  # four times the bound, at once
 MOSTLY_TAKEN, SINGLES, ROUNDS = 1500, 900, 10
 # How long billing may take to hold every acknowledged reading (it drains 1,000-1,500/s).
 RECONCILE_WAIT_S = 300
+# The resending loggers' run: at 8,000 readings/s, one batch of 500 per logger (20 loggers,
+# 10,000 readings issued within 1.25 s, up to 16 at a time: 8,000 readings against a bound
+# of 2,000). A longer run only adds readings for billing to drain, no refusal of a new kind.
+FLEET_S = 1.25
 
 
 async def confirmed_per_s(url: str, prefix: str, readings: int = 4000) -> float:
@@ -226,7 +230,7 @@ async def test_resending_loggers_get_everything_through_and_billed_once(
         return FleetConfig(
             devices=20,
             rate=rate,
-            duration_s=3,
+            duration_s=FLEET_S,
             target=stack.gateway,
             batch=batch,
             concurrency=concurrency,
