@@ -141,8 +141,14 @@ class RabbitPublisher:
 
     async def _connect(self) -> None:
         connection = await connect(self._url)
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        declared = await declare_topology(channel, self._topology)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            declared = await declare_topology(channel, self._topology)
+        except BaseException:
+            # Refused, or stopped while starting: close what is open, or the robust
+            # connection's reconnect loop outlives the publisher.
+            await connection.close()
+            raise
         self._connection, self._exchange = connection, declared.exchange
         log.info("connected to RabbitMQ", extra={"exchange": self._topology.exchange})
 
@@ -273,6 +279,8 @@ class RabbitPublisher:
     async def close(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connecting  # its clean-up runs before the close returns
         if self._connection is not None:
             await self._connection.close()
 
