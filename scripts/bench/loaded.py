@@ -5,18 +5,12 @@ reads of them (billed readings, CPU time, RSS)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from common.rabbit import Topology
-from scripts.bench.measure import (
-    MONGODB_PROCESS,
-    counter,
-    cpu_by_name,
-    memory_mib,
-    pid_listening_on,
-    process_cpu,
-)
-from scripts.bench.stack import Stack
+from scripts.bench.measure import counter, memory_mib, pid_listening_on, process_cpu
+from scripts.bench.stack import Stack, server_url
 
 # make dev's ports (the settings' defaults): where a running stack's pieces are found.
 DEFAULT_LISTEN_PORTS = {
@@ -37,6 +31,7 @@ class BenchStack:
     billing_metrics_url: str
     pids: dict[str, int]
     owned: Stack | None = None
+    _server_pids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def running(cls, target: str, topology_prefix: str, billing_metrics_url: str) -> BenchStack:
@@ -65,10 +60,20 @@ class BenchStack:
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of each service, RabbitMQ and the MongoDB server."""
         found = {service: process_cpu(pid) for service, pid in self.pids.items()}
-        servers = cpu_by_name()
-        found["rabbitmq"] = servers.get("beam.smp", 0.0)
-        found["mongodb"] = servers.get(MONGODB_PROCESS, 0.0)
+        for server, pid in self.server_pids().items():
+            found[server] = process_cpu(pid)
         return found
+
+    def server_pids(self) -> dict[str, int]:
+        """The broker and the MongoDB server the services use, by the port each listens on
+        (looked up once): by process name, another broker node a test starts and stops
+        beside them would count too, and its exit would make a difference negative."""
+        if not self._server_pids:
+            for server, variable in (("rabbitmq", "RABBITMQ_URL"), ("mongodb", "MONGODB_URL")):
+                port = urlsplit(server_url(variable)).port
+                if port is not None and (pid := pid_listening_on(port)) is not None:
+                    self._server_pids[server] = pid
+        return self._server_pids
 
     def memory(self) -> dict[str, dict[str, float]]:
         """Peak and current RSS of each service found (a stopped one is left out)."""
