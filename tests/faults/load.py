@@ -110,19 +110,52 @@ async def steady_load(
     return await run_fleet(config)
 
 
+# A load that lasts as long as its fault (:func:`steady_load_until`) sends in rounds this long.
+ROUND_S = 2.0
+
+
+async def steady_load_until(
+    stack: Stack, ledger: Path, ended: asyncio.Event, batch: int = 0, rate: float = 150
+) -> FleetSummary:
+    """:func:`steady_load` in rounds of ``ROUND_S`` until ``ended`` is set, then one round
+    more: a load that lasts as long as the fault however long that takes on this machine,
+    and whose last round is sent wholly after it. The rounds' summaries are summed.
+
+    It stops early after a round that gave readings up (resent for ``RESEND_FOR_S`` in
+    vain), and fails if ``ended`` is not set within ``RESEND_FOR_S``: a test that failed
+    before ending its fault leaves no load running for good."""
+    total = FleetSummary()
+    deadline = time.monotonic() + RESEND_FOR_S
+    while True:
+        last = ended.is_set()
+        assert last or time.monotonic() < deadline, f"the fault did not end in {RESEND_FOR_S} s"
+        part = await steady_load(stack, ledger, seconds=ROUND_S, batch=batch, rate=rate)
+        total.planned += part.planned
+        total.sent += part.sent
+        total.accepted += part.accepted
+        total.resent += part.resent
+        total.elapsed_s += part.elapsed_s
+        total.latencies_s += part.latencies_s
+        for code, count in part.failed_by_code.items():
+            total.record_failure(code, count, part.first_error.get(code, ""))
+        if last or part.failed:
+            return total
+
+
 def stream_devices(prefix: str, count: int = 40) -> list[str]:
     return [f"{prefix}-{n:03d}" for n in range(1, count + 1)]
 
 
-def long_stream(prefix: str, per_device: int = 300) -> list[Reading]:
-    """A backfill of 15-minute readings (from days ago, across a month's end) of 40
-    devices, interleaved: long enough that a fault placed in it finds it mid-way."""
+def long_stream(prefix: str, per_device: int = 300, devices: int = 10) -> list[Reading]:
+    """A backfill of 15-minute readings from days ago (75 hours: across a month's end on its
+    first three days) of ``devices`` devices, interleaved: 3,000 readings, six of the
+    gateway's chunks. Each device gets about 150 kWh, past the tiered tariff's last tier."""
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     first = now - timedelta(minutes=15 * per_device)
     return [
         validate_reading(device, first + timedelta(minutes=15 * n), 0.125 + (n % 7) / 8, now=now)
         for n in range(per_device)
-        for device in stream_devices(prefix)
+        for device in stream_devices(prefix, devices)
     ]
 
 
@@ -134,8 +167,19 @@ def _request(reading: Reading) -> gateway_pb2.SendReadingRequest:
     return gateway_pb2.SendReadingRequest(reading=message)
 
 
-async def send_stream(stack: Stack, readings: list[Reading]) -> int:
-    """One SendReadings stream of ``readings``; the count accepted, or the call's error."""
+# Readings the gateway forwards to ingestion per call (GATEWAY_BATCH_SIZE's default).
+STREAM_CHUNK = 500
+
+
+async def send_stream(
+    stack: Stack, readings: list[Reading], last_chunk_after: asyncio.Event | None = None
+) -> int:
+    """One SendReadings stream of ``readings``; the count accepted, or the call's error.
+
+    With ``last_chunk_after``, the last ``STREAM_CHUNK`` readings are written only once it
+    is set: until then the stream cannot end, however fast the machine, so a fault set
+    before it lands mid-stream."""
+    hold_at = len(readings) - STREAM_CHUNK if last_chunk_after is not None else -1
     async with gateway_channel(stack.gateway, ADMIN_TOKEN) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         # Written one by one rather than from an iterator, so that a call the server ends
@@ -143,7 +187,9 @@ async def send_stream(stack: Stack, readings: list[Reading]) -> int:
         # iterator form reports a bare INTERNAL ("Failed execute_batch") instead.
         call = stub.SendReadings(timeout=300)
         try:
-            for reading in readings:
+            for n, reading in enumerate(readings):
+                if n == hold_at and last_chunk_after is not None:
+                    await last_chunk_after.wait()
                 await call.write(_request(reading))
             await call.done_writing()
         except asyncio.InvalidStateError:
@@ -190,10 +236,6 @@ def ledger_line(reading: Reading) -> str:
         )
         + "\n"
     )
-
-
-# Readings the gateway forwards to ingestion per call (GATEWAY_BATCH_SIZE's default).
-STREAM_CHUNK = 500
 
 
 async def until_in_flight(stack: Stack, timeout_s: float = 120) -> float:

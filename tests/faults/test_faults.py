@@ -39,6 +39,7 @@ from tests.faults.load import (
     resend_stream,
     send_stream,
     steady_load,
+    steady_load_until,
     until_in_flight,
 )
 from tests.mongo_server import LocalMongo
@@ -83,24 +84,28 @@ async def test_ingestion_killed_in_the_middle_of_a_stream(
     stack = await stacks(GATEWAY_DEVICE_RATE_PER_S="0")
     ledger = tmp_path / "ledger.jsonl"
     stream = long_stream("stream-i")
-    load = asyncio.create_task(steady_load(stack, ledger, seconds=10))
+    restarted = asyncio.Event()
+    load = asyncio.create_task(steady_load_until(stack, ledger, restarted))
     published, error = await killed_mid_stream(
         stack, stream, "ingestion_service", ("INGESTION", "ingestion_published_total")
     )
     accepted = accepted_before_failure(error)
     assert accepted is None or accepted < len(stream), error.details()
     await stack.start_service("ingestion_service")
-    restarted = time.monotonic()
+    restarted.set()
+    recovered = time.monotonic()
     sends = await resend_stream(stack, stream, ledger)
-    await load
+    steady = await load
+    assert steady.resent > 0, "the load met no outage: was the kill under load?"
     await reconciled(
         stack,
         ledger,
         catalog,
         "ingestion SIGKILL mid-SendReadings",
         f"a stream of {len(stream)} cut after {published:.0f} readings (with the load's) were "
-        f"published, {accepted} of it answered as accepted; resent ({sends} sends)",
-        restarted,
+        f"published, {accepted} of it answered as accepted; resent ({sends} sends); the "
+        f"load resent {steady.resent}",
+        recovered,
     )
 
 
@@ -108,22 +113,26 @@ async def test_gateway_killed_mid_stream(stacks, catalog: Path, tmp_path: Path) 
     stack = await stacks(GATEWAY_DEVICE_RATE_PER_S="0")
     ledger = tmp_path / "ledger.jsonl"
     stream = long_stream("stream-g")
-    load = asyncio.create_task(steady_load(stack, ledger, seconds=12))
+    restarted = asyncio.Event()
+    load = asyncio.create_task(steady_load_until(stack, ledger, restarted))
     forwarded, _ = await killed_mid_stream(
         stack, stream, "api_gateway", ("GATEWAY", "gateway_readings_accepted_total")
     )
     await stack.start_service("api_gateway")
-    restarted = time.monotonic()
+    restarted.set()
+    recovered = time.monotonic()
     sends = await resend_stream(stack, stream, ledger)
-    await load
+    steady = await load
+    assert steady.resent > 0, "the load met no outage: was the kill under load?"
     await reconciled(
         stack,
         ledger,
         catalog,
         "gateway SIGKILL mid-stream",
         f"a stream of {len(stream)} cut after {forwarded:.0f} readings "
-        f"(with the load's) had been forwarded, unanswered; resent ({sends} sends)",
-        restarted,
+        f"(with the load's) had been forwarded, unanswered; resent ({sends} sends); the "
+        f"load resent {steady.resent}",
+        recovered,
     )
 
 
@@ -450,19 +459,24 @@ async def killed_mid_stream(
     stack: Stack, stream: list[Reading], service: str, progress: tuple[str, str]
 ) -> tuple[float, grpc.aio.AioRpcError]:
     """Send ``stream`` as one SendReadings call and SIGKILL ``service`` once ``progress`` (a
-    counter: settings prefix and metric name) has grown by two chunks while the call still
-    runs. Returns that growth and the call's error, a cut a logger resends."""
+    counter: settings prefix and metric name) has grown by two chunks; the stream's last
+    chunk waits for the kill, so the call still runs then, however fast the machine.
+    Returns that growth and the call's error, a cut a logger resends."""
     prefix, counter = progress
     before = await stack.metric(prefix, counter)
-    call = asyncio.create_task(send_stream(stack, stream))
+    killed = asyncio.Event()
+    call = asyncio.create_task(send_stream(stack, stream, last_chunk_after=killed))
 
     async def half_way() -> bool:  # the load alone adds ~150/s; the stream thousands
-        assert not call.done(), "the stream ended before the fault: make it longer"
+        if call.done():  # before its last chunk, only by an error: raise it
+            call.result()
+            raise AssertionError("the stream ended before the fault")
         return await stack.metric(prefix, counter) - before >= 2 * STREAM_CHUNK
 
     await wait_until(half_way, timeout_s=120, what="the stream half-way through")
     grown = await stack.metric(prefix, counter) - before
     await stack.stop_service(service, signal.SIGKILL)
+    killed.set()
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await call
     assert_stream_cut(failed.value)
