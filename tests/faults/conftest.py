@@ -19,6 +19,11 @@ from tests.rabbit_node import RabbitNode
 STREAM_PREFIXES = ("stream-i", "stream-g")
 
 
+def stack_prefix() -> str:
+    """A fresh prefix for a fault stack's queues, database and keys."""
+    return f"f{uuid.uuid4().hex[:8]}-"
+
+
 @pytest.fixture
 def catalog(tmp_path: Path) -> Path:
     """The tariff catalog every fault stack bills with (flat, time-of-use, tiered)."""
@@ -32,17 +37,21 @@ def catalog(tmp_path: Path) -> Path:
 async def stacks(tmp_path: Path, catalog: Path) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
     """Start a stack of the test's own, its catalog seeded; stop and clean it afterwards.
 
-    ``rabbitmq_url`` and ``mongodb_url`` point it at private servers; ``extra_env``
-    overrides settings. A test that uses private servers asks for their fixtures before
-    this one, so that they outlive the stack's clean-up.
+    ``rabbitmq_url`` and ``mongodb_url`` point it at private servers; ``prefix`` names its
+    queues, database and keys (a fresh one by default: see :func:`stack_prefix`);
+    ``extra_env`` overrides settings. A test that uses private servers asks for their
+    fixtures before this one, so that they outlive the stack's clean-up.
     """
     started: list[Stack] = []
     catalog_text = catalog.read_text()  # noqa: ASYNC240 - a small file, once per test
 
     async def make(
-        rabbitmq_url: str | None = None, mongodb_url: str | None = None, **extra_env: str
+        rabbitmq_url: str | None = None,
+        mongodb_url: str | None = None,
+        prefix: str | None = None,
+        **extra_env: str,
     ) -> Stack:
-        stack = Stack(prefix=f"f{uuid.uuid4().hex[:8]}-", log_dir=tmp_path, extra_env=extra_env)
+        stack = Stack(prefix=prefix or stack_prefix(), log_dir=tmp_path, extra_env=extra_env)
         stack.rabbitmq_url = rabbitmq_url or stack.rabbitmq_url
         stack.mongodb_url = mongodb_url or stack.mongodb_url
         ledger = stack.ledger()

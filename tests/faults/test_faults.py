@@ -23,12 +23,13 @@ from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading
 from common.gateway_client import gateway_channel
 from common.messages import encode_reading
 from common.models import Reading, validate_reading
-from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology
+from common.rabbit import REASON_HEADER, ROUTING_KEY, Topology, declare_topology
 from scripts import dlq
 from scripts.client_options import should_resend
 from tests.component.test_queries import start_redis
 from tests.conftest import ADMIN_TOKEN, RABBITMQ_URL, free_port, wait_until
 from tests.e2e.conftest import Stack
+from tests.faults.conftest import stack_prefix
 from tests.faults.load import (
     STREAM_CHUNK,
     accepted_before_failure,
@@ -139,22 +140,28 @@ async def test_gateway_killed_mid_stream(stacks, catalog: Path, tmp_path: Path) 
 async def test_rabbitmq_node_killed_and_restarted_under_load(
     rabbit_node: RabbitNode, stacks, catalog: Path, tmp_path: Path
 ) -> None:
-    stack = await stacks(rabbitmq_url=rabbit_node.url)
     # RabbitMQ 3.10 registers a quorum queue's Raft server in a store it writes out lazily: a
     # SIGKILL seconds after the stack declared its queues can leave one without a leader
     # for good (seen here). The fault is of a broker whose queues have long existed, so
-    # the node is restarted cleanly once first and the consumers are waited for.
+    # the stack's queues are declared first and the node restarted cleanly, and only then
+    # the stack started (its services connect once, with no reconnection to wait for).
+    prefix = stack_prefix()
+    connection = await aio_pika.connect(rabbit_node.url)
+    async with connection:
+        await declare_topology(await connection.channel(), Topology(prefix))
     await rabbit_node.restart()
+    stack = await stacks(rabbitmq_url=rabbit_node.url, prefix=prefix)
     topology = Topology(stack.prefix)
 
     async def consuming() -> bool:
         queues = (topology.billing_queue, topology.analytics_queue)
         return all([await rabbit_node.consumers(queue) > 0 for queue in queues])
 
-    await wait_until(consuming, timeout_s=120, what="billing and analytics consuming again")
+    await wait_until(consuming, timeout_s=120, what="billing and analytics consuming")
     ledger = tmp_path / "ledger.jsonl"
+    back = asyncio.Event()
     load = asyncio.gather(
-        steady_load(stack, ledger, seconds=14), steady_load(stack, ledger, seconds=14, batch=25)
+        steady_load_until(stack, ledger, back), steady_load_until(stack, ledger, back, batch=25)
     )
     flying = await until_in_flight(stack)
     await rabbit_node.kill()
@@ -163,8 +170,8 @@ async def test_rabbitmq_node_killed_and_restarted_under_load(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.SendReading(_request("probe-down"), timeout=10)
         assert should_resend(caught.value), caught.value
-    await asyncio.sleep(2)
     await rabbit_node.start()
+    back.set()
     restarted = time.monotonic()
     unary, batched = await load
     assert unary.resent + batched.resent > 0, "the outage refused nothing: was it real?"
