@@ -443,13 +443,20 @@ async def test_rolling_sigterm_of_every_service_under_load(
 ) -> None:
     stack = await stacks()
     ledger = tmp_path / "ledger.jsonl"
+    rolled = asyncio.Event()
     load = asyncio.gather(
-        steady_load(stack, ledger, seconds=16), steady_load(stack, ledger, seconds=16, batch=25)
+        steady_load_until(stack, ledger, rolled),
+        steady_load_until(stack, ledger, rolled, batch=25),
     )
     flying = await until_in_flight(stack)
     for service in ("ingestion_service", "billing_service", "analytics_service", "api_gateway"):
         await stack.restart(service)
-        await asyncio.sleep(1)
+        # The next one goes only once this one, new, has handled some of the load.
+        await wait_until(
+            lambda service=service: handled_some(stack, service),
+            what=f"the restarted {service} handling the load",
+        )
+    rolled.set()
     restarted = time.monotonic()
     await load
     await reconciled(
@@ -460,6 +467,21 @@ async def test_rolling_sigterm_of_every_service_under_load(
         f"{flying:.0f} deliveries unsettled in billing at the first SIGTERM",
         restarted,
     )
+
+
+# A counter of each service's own that grows only as it handles readings.
+HANDLED = {
+    "ingestion_service": ("INGESTION", "ingestion_published_total", None),
+    "billing_service": ("BILLING", "consumer_readings_total", {"outcome": "acked"}),
+    "analytics_service": ("ANALYTICS", "consumer_readings_total", {"outcome": "acked"}),
+    "api_gateway": ("GATEWAY", "gateway_readings_accepted_total", None),
+}
+
+
+async def handled_some(stack: Stack, service: str) -> bool:
+    """The service's process has handled readings (its counters start at 0 with it)."""
+    prefix, counter, labels = HANDLED[service]
+    return await stack.metric(prefix, counter, labels) > 0
 
 
 async def killed_mid_stream(
