@@ -1,28 +1,34 @@
-"""Token buckets in Redis: readings per device and for the whole gateway, shared by replicas.
+"""Token buckets in Redis: readings per device and for the whole gateway, and reads per
+token, shared by replicas.
 
 Every reading takes one token, so a batch of n readings takes n. One Lua script refills and
 checks the device bucket (skipped for callers without a device, such as admin or bulk
 import) and the global bucket, then takes the tokens from both or from neither: a refused
 batch costs nothing. The script reads the Redis clock (``TIME``), so replicas whose clocks
-disagree still agree on the buckets.
+disagree still agree on the buckets. Every read call (a bill, usage, readings) takes one
+token from its caller's read bucket with the same script: a device token and an account
+token each have their own (``acquire_read``).
 
 Keys (``key_prefix`` defaults to ``""``), each a hash ``tokens``, ``updated_us``:
 - ``{key_prefix}ratelimit:device:{device_id}``
 - ``{key_prefix}ratelimit:global``
+- ``{key_prefix}ratelimit:reads:{kind}:{id}`` (``kind`` is device or account)
 A bucket expires once it would have refilled completely (plus a second), which is the same
 state as no key at all, so idle devices leave nothing behind. Both keys are touched by one
 script, so under Redis Cluster they would need a common hash tag.
 
-Recommended limits (``RateLimits()``): 10 readings/s per device with a burst of 1000, and
-20 000 readings/s for the gateway with a burst of 40 000. The bursts exceed the gateway's
-batch size (500 by default, 10 000 at most), so a forwarded chunk always fits. A batch
-larger than a burst can never pass: the decision says so with ``retry_after_s = inf``
-(``Decision.exceeds_burst``), and the caller should split the batch instead of retrying.
+Recommended limits (``RateLimits()``): 10 readings/s per device with a burst of 1000,
+20 000 readings/s for the gateway with a burst of 40 000, and 5 reads/s per token with a
+burst of 50 (a web page's load makes about 6 reads). The readings' bursts exceed the
+gateway's batch size (500 by default, 10 000 at most), so a forwarded chunk always fits.
+A batch larger than a burst can never pass: the decision says so with ``retry_after_s =
+inf`` (``Decision.exceeds_burst``), and the caller should split the batch instead of
+retrying.
 
-When Redis cannot be reached the limiter fails open: readings pass unchecked, each failure
-is counted in ``gateway_ratelimit_redis_errors_total`` and a warning is logged at most once
-every 30 s. The limiter protects capacity; turning away readings because a cache is down
-would cost more than letting a burst through.
+When Redis cannot be reached the limiter fails open: readings and reads pass unchecked,
+each failure is counted in ``gateway_ratelimit_redis_errors_total`` and a warning is logged
+at most once every 30 s. The limiter protects capacity; turning away readings because a
+cache is down would cost more than letting a burst through.
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ log = logging.getLogger(__name__)
 
 REDIS_ERRORS = Counter(
     "gateway_ratelimit_redis_errors_total",
-    "Rate-limit checks that could not reach Redis and let the readings through.",
+    "Rate-limit checks that could not reach Redis and let the readings or the read through.",
 )
 RATELIMITED = Counter(
     "gateway_ratelimited_readings_total",
-    "Readings refused by the rate limiter, by the bucket that refused them.",
+    "Readings refused by the rate limiter, by the bucket that refused them (device, global); "
+    "scope reads counts refused read calls (a bill, usage, readings) instead.",
     ["scope"],
 )
 WARNING_INTERVAL_S = 30.0
@@ -96,19 +103,21 @@ return {0, 0}
 
 @dataclass(frozen=True)
 class RateLimits:
-    """Refill rate (readings per second) and burst of each bucket; a rate ≤ 0 means no limit."""
+    """Refill rate (readings, or for ``read_*`` read calls, per second) and burst of each
+    bucket; a rate ≤ 0 means no limit."""
 
     device_rate_per_s: float = 10.0
     device_burst: int = 1000
     global_rate_per_s: float = 20_000.0
     global_burst: int = 40_000
+    read_rate_per_s: float = 5.0  # per device or account token
+    read_burst: int = 50
 
     def __post_init__(self) -> None:
         # A limited bucket that cannot hold one token would refuse everything.
-        if self.device_rate_per_s > 0 and self.device_burst < 1:
-            raise ValueError("device_burst must be at least 1 when device_rate_per_s > 0")
-        if self.global_rate_per_s > 0 and self.global_burst < 1:
-            raise ValueError("global_burst must be at least 1 when global_rate_per_s > 0")
+        for name in ("device", "global", "read"):
+            if getattr(self, f"{name}_rate_per_s") > 0 and getattr(self, f"{name}_burst") < 1:
+                raise ValueError(f"{name}_burst must be at least 1 when {name}_rate_per_s > 0")
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ class Decision:
 
     allowed: bool
     retry_after_s: float = 0.0
-    scope: str = ""  # "device" or "global" when refused
+    scope: str = ""  # "device", "global" or "reads" when refused
 
     @property
     def exceeds_burst(self) -> bool:
@@ -137,7 +146,7 @@ class _Bucket:
 
 
 class RedisRateLimiter:
-    """Per-device and global token buckets, checked and taken atomically in Redis.
+    """Per-device, global and per-token read buckets, checked and taken atomically in Redis.
 
     ``timeout_s`` bounds each check, whatever timeouts and retries the client has, so a
     slow Redis delays readings by at most that much before they pass unchecked.
@@ -162,7 +171,21 @@ class RedisRateLimiter:
         global bucket, from both or neither."""
         if count < 0:
             raise ValueError(f"count must not be negative, got {count}")
-        buckets = self._buckets(device_id)
+        return await self._take(self._buckets(device_id), count)
+
+    async def acquire_read(self, kind: str, caller_id: str) -> Decision:
+        """Take one token from the read bucket of the caller's token: ``kind`` (device or
+        account) and its id."""
+        limits = self._limits
+        if limits.read_rate_per_s <= 0:
+            return ALLOWED
+        key = f"{self._key_prefix}ratelimit:reads:{kind}:{caller_id}"
+        return await self._take(
+            [_Bucket("reads", key, limits.read_rate_per_s, limits.read_burst)], 1
+        )
+
+    async def _take(self, buckets: list[_Bucket], count: int) -> Decision:
+        """``count`` tokens from every bucket or from none; allowed unchecked when Redis fails."""
         if count == 0 or not buckets:
             return ALLOWED
         for bucket in buckets:
@@ -207,7 +230,7 @@ class RedisRateLimiter:
         # Every reading would log during an outage; one line per interval says enough.
         if self._last_warning_at is None or now - self._last_warning_at >= WARNING_INTERVAL_S:
             log.warning(
-                "rate limiter cannot reach Redis, letting readings through unchecked "
+                "rate limiter cannot reach Redis, letting readings and reads through unchecked "
                 "(%d failed checks since the last warning): %r",
                 self._errors_since_warning,
                 error,

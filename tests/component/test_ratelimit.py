@@ -1,4 +1,5 @@
-"""RedisRateLimiter against the real Redis: bursts, batches, scopes, replicas, an outage."""
+"""RedisRateLimiter against the real Redis: bursts, batches, scopes, read buckets, replicas, an
+outage."""
 
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from tests.conftest import REDIS_URL, free_port
 
 pytestmark = pytest.mark.component
 
-UNLIMITED = RateLimits(device_rate_per_s=0, device_burst=0, global_rate_per_s=0, global_burst=0)
+UNLIMITED = RateLimits(
+    device_rate_per_s=0,
+    device_burst=0,
+    global_rate_per_s=0,
+    global_burst=0,
+    read_rate_per_s=0,
+    read_burst=0,
+)
 # Slow enough that refills during a test stay far below one token.
 SLOW = 0.01
 
@@ -159,6 +167,37 @@ async def test_unlimited_buckets_touch_nothing(
     assert await client.keys(f"{prefix}*") == []
 
 
+async def test_each_token_has_its_own_read_bucket(
+    limiter: Callable, client: aioredis.Redis, prefix: str
+) -> None:
+    rl = limiter(limits(read_rate_per_s=SLOW, read_burst=2, global_rate_per_s=SLOW, global_burst=1))
+    before = REGISTRY.get_sample_value("gateway_ratelimited_readings_total", {"scope": "reads"})
+
+    for _ in range(2):
+        assert (await rl.acquire_read("account", "acme")).allowed
+    refused = await rl.acquire_read("account", "acme")
+    # The device of the same id, and another account, have buckets of their own.
+    assert (await rl.acquire_read("device", "acme")).allowed
+    assert (await rl.acquire_read("account", "globex")).allowed
+
+    assert not refused.allowed and refused.scope == "reads"
+    assert 0 < refused.retry_after_s <= 100  # a token takes 100 s at 0.01/s
+    after = REGISTRY.get_sample_value("gateway_ratelimited_readings_total", {"scope": "reads"})
+    assert after - (before or 0) == 1
+    assert await client.exists(f"{prefix}ratelimit:reads:account:acme")
+    assert (await rl.acquire(None, 1)).allowed  # reads take nothing of the readings' buckets
+
+
+async def test_reads_without_a_rate_are_not_limited(
+    limiter: Callable, client: aioredis.Redis, prefix: str
+) -> None:
+    rl = limiter(UNLIMITED)
+
+    for _ in range(3):
+        assert (await rl.acquire_read("device", "meter-1")).allowed
+    assert await client.keys(f"{prefix}*") == []
+
+
 async def test_buckets_expire_once_full_again(
     limiter: Callable, client: aioredis.Redis, prefix: str
 ) -> None:
@@ -219,14 +258,19 @@ async def test_unreachable_redis_fails_open_and_counts(
     prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    rl = RedisRateLimiter(client, limits(global_rate_per_s=SLOW, global_burst=10), prefix)
+    rl = RedisRateLimiter(
+        client,
+        limits(global_rate_per_s=SLOW, global_burst=10, read_rate_per_s=SLOW, read_burst=1),
+        prefix,
+    )
     before = REGISTRY.get_sample_value("gateway_ratelimit_redis_errors_total") or 0
 
     with caplog.at_level(logging.WARNING, logger="api_gateway.ratelimit"):
         first = await rl.acquire("meter-1", 5)
         second = await rl.acquire("meter-1", 5)
+        read = await rl.acquire_read("account", "acme")
     await client.aclose()
 
-    assert first.allowed and second.allowed
-    assert REGISTRY.get_sample_value("gateway_ratelimit_redis_errors_total") - before == 2
+    assert first.allowed and second.allowed and read.allowed
+    assert REGISTRY.get_sample_value("gateway_ratelimit_redis_errors_total") - before == 3
     assert len([r for r in caplog.records if "cannot reach Redis" in r.message]) == 1
