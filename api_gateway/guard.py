@@ -162,15 +162,42 @@ class Guard:
                     f"the gateway takes {self._limits.global_rate_per_s:g} readings/s in all "
                     f"(burst {self._limits.global_burst})"
                 )
-            if math.isinf(decision.retry_after_s):
-                advice = f"a batch of {count} can never fit: send fewer readings per stream batch"
-            else:
-                wait_ms = max(1, math.ceil(decision.retry_after_s * 1000))
-                add_trailing_metadata(context, (RETRY_PUSHBACK_KEY, str(wait_ms)))
-                advice = f"retry in {decision.retry_after_s:.3f} s"
+            if not math.isinf(decision.retry_after_s):
+                await _exhausted(context, limit, decision.retry_after_s, note)
+            advice = f"a batch of {count} can never fit: send fewer readings per stream batch"
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit: {limit}; {advice}{note}"
             )
+
+    async def admit_read(self, principal: Principal, context: grpc.aio.ServicerContext) -> None:
+        """Take one token from the read bucket of the caller's device or account token, or
+        answer RESOURCE_EXHAUSTED with the wait. The admin token (bulk tools such as
+        reconcile) and callers with auth switched off are not limited."""
+        if self._limiter is None or principal.admin or principal.unchecked:
+            return
+        caller_id = principal.device_id if principal.account_id is None else principal.account_id
+        if caller_id is None:
+            return
+        decision = await self._limiter.acquire_read(principal.kind, caller_id)  # device, account
+        if not decision.allowed:
+            limit = (
+                f"{principal.description} may make {self._limits.read_rate_per_s:g} reads/s "
+                f"(burst {self._limits.read_burst})"
+            )
+            await _exhausted(context, limit, decision.retry_after_s)
+
+
+async def _exhausted(
+    context: grpc.aio.ServicerContext, limit: str, retry_after_s: float, note: str = ""
+) -> NoReturn:
+    """RESOURCE_EXHAUSTED with the wait in the message and the retry-pushback trailer."""
+    wait_ms = max(1, math.ceil(retry_after_s * 1000))
+    add_trailing_metadata(context, (RETRY_PUSHBACK_KEY, str(wait_ms)))
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"rate limit: {limit}; retry in {retry_after_s:.3f} s{note}",
+    )
+    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
 
 async def _refuse(context: grpc.aio.ServicerContext, error: AuthError, note: str = "") -> NoReturn:

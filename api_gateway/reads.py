@@ -2,7 +2,8 @@
 
 Each row says which Gateway method, which Billing call answers it, and who may ask;
 ``ReadForwarder`` turns a row into the handler. The caller is already authenticated
-(``api_gateway.identity``); the rule only decides whether it may read this data.
+(``api_gateway.identity``); the rule only decides whether it may read this data. Every
+read then takes a token from its caller's read bucket (``Guard.admit_read``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ READS: tuple[Read, ...] = (
 
 
 class ReadForwarder:
-    """Builds the handler of each ``Read``: rule, then billing, its failures passed on."""
+    """Builds the handler of each ``Read``: rule, then the caller's read bucket, then
+    billing, its failures passed on."""
 
     def __init__(self, billing: BillingClient, guard: Guard) -> None:
         self._billing = billing
@@ -67,7 +69,10 @@ class ReadForwarder:
 
     def handler(self, read: Read) -> Handler:
         async def forward(request: Any, context: grpc.aio.ServicerContext) -> Message:
-            await read.rule(self._guard, caller(), request, context)
+            principal = caller()
+            await read.rule(self._guard, principal, request, context)
+            # After the rule, so a refused caller spends no token.
+            await self._guard.admit_read(principal, context)
             try:
                 response: Message = await self._billing.call(read.upstream, request)
             except grpc.aio.AioRpcError as error:

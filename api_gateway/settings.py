@@ -66,6 +66,11 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
     device_burst: int = Field(1000, ge=1, description="readings a device may send at once")
     global_rate_per_s: float = Field(20_000.0, ge=0, description="readings/s in all; 0: no limit")
     global_burst: int = Field(40_000, ge=1)
+    # Reads cost billing CPU (a bill: tens to hundreds of ms); a web page's load makes ~6.
+    read_rate_per_s: float = Field(
+        5.0, ge=0, description="read calls/s per device or account token; 0: no limit"
+    )
+    read_burst: int = Field(50, ge=1, description="read calls a token may make at once")
 
     # Limits on connections and streams.
     max_stream_readings: int = Field(100_000, ge=1, description="readings one stream may carry")
@@ -107,4 +112,6 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
             device_burst=self.device_burst,
             global_rate_per_s=self.global_rate_per_s,
             global_burst=self.global_burst,
+            read_rate_per_s=self.read_rate_per_s,
+            read_burst=self.read_burst,
         )

@@ -62,7 +62,13 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(prefix: str) -> AsyncIterator[Stack]:
+def gateway_overrides() -> dict[str, object]:
+    """Settings of the stack's gateway beyond the defaults (a test parametrizes it)."""
+    return {}
+
+
+@pytest.fixture
+async def stack(prefix: str, gateway_overrides: dict[str, object]) -> AsyncIterator[Stack]:
     """Billing (with the catalog above), ingestion and a gateway that asks that billing."""
     # MongoDB's 5 s, not the 1 s of billing's own tests: this stack shares a busy machine.
     billing = BillingApp(settings(prefix).model_copy(update={"mongodb_timeout_s": 5}))
@@ -71,7 +77,9 @@ async def stack(prefix: str) -> AsyncIterator[Stack]:
     ingestion = IngestionApp(IngestionSettings(port=0, topology_prefix=prefix, confirm_timeout_s=5))
     await ingestion.start()
     await ingestion.publisher._connecting
-    app = await start_gateway(prefix, ingestion.port, billing_addr=f"127.0.0.1:{billing.port}")
+    app = await start_gateway(
+        prefix, ingestion.port, billing_addr=f"127.0.0.1:{billing.port}", **gateway_overrides
+    )
     yield Stack(Gateway(prefix, app.port, app), billing)
     await app.stop()
     await ingestion.stop()
@@ -86,6 +94,11 @@ def refusals(code: str, token: str) -> float:
 
 def accepted() -> float:
     return REGISTRY.get_sample_value("gateway_readings_accepted_total") or 0.0
+
+
+def reads_limited() -> float:
+    labels = {"scope": "reads"}
+    return REGISTRY.get_sample_value("gateway_ratelimited_readings_total", labels) or 0.0
 
 
 async def test_an_account_token_reads_its_account_and_its_devices_only(stack: Stack) -> None:
@@ -250,3 +263,51 @@ async def test_account_tokens_are_issued_for_catalog_accounts_stored_hashed_and_
     )
     # The device of the same id kept its own token.
     await gateway.stub(device_token).SendReading(request("initech"), timeout=10)
+
+
+# A token every 100 s: nothing refills while the test runs.
+@pytest.mark.parametrize("gateway_overrides", [{"read_rate_per_s": 0.01, "read_burst": 3}])
+async def test_reads_are_limited_per_token_and_not_for_the_admin(stack: Stack) -> None:
+    gateway = stack.gateway
+    acme = gateway.stub(await stack.issue("acme"))
+    bill = billing_pb2.GetAccountBillRequest(account_id="acme")
+    other_device = billing_pb2.GetLatestReadingRequest(device_id="meter-9")
+    limited_before = reads_limited()
+
+    # A read the rule refuses takes no token, so the burst is still three reads, of any kind.
+    await refused(acme.GetLatestReading(other_device), Code.PERMISSION_DENIED)
+    await acme.GetAccountBill(bill, timeout=10)
+    await acme.ListBills(billing_pb2.ListBillsRequest(account_id="acme"), timeout=10)
+    await acme.GetDeviceBill(billing_pb2.GetDeviceBillRequest(device_id="meter-2"), timeout=10)
+    call = acme.GetAccountBill(bill, timeout=10)
+    details = await refused(call, Code.RESOURCE_EXHAUSTED)
+    assert details.startswith(
+        "rate limit: the token of account 'acme' may make 0.01 reads/s (burst 3); retry in "
+    )
+    trailers = dict(await call.trailing_metadata())
+    assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 100_000
+    # Who may read is still decided first.
+    await refused(acme.GetLatestReading(other_device), Code.PERMISSION_DENIED)
+
+    # meter-1 is billed to acme, but its device token has a bucket of its own.
+    meter_1 = gateway.stub(await gateway.register("meter-1"))
+    own_bill = billing_pb2.GetDeviceBillRequest(device_id="meter-1")
+    for _ in range(3):
+        await meter_1.GetDeviceBill(own_bill, timeout=10)
+    call = meter_1.GetDeviceBill(own_bill, timeout=10)
+    details = await refused(call, Code.RESOURCE_EXHAUSTED)
+    assert details.startswith(
+        "rate limit: the token of device 'meter-1' may make 0.01 reads/s (burst 3); retry in "
+    )
+    assert 0 < int(dict(await call.trailing_metadata())["grpc-retry-pushback-ms"]) <= 100_000
+    await meter_1.SendReading(request("meter-1"), timeout=10)  # sending is not reading
+
+    # So has another account's token.
+    globex = gateway.stub(await stack.issue("globex"))
+    await globex.GetAccountBill(billing_pb2.GetAccountBillRequest(account_id="globex"), timeout=10)
+
+    # The admin token (reconcile and other bulk tools) is not limited.
+    admin = gateway.stub(ADMIN_TOKEN)
+    for _ in range(5):
+        await admin.GetAccountBill(bill, timeout=10)
+    assert reads_limited() == limited_before + 2

@@ -433,6 +433,37 @@ async def test_rate_limit_is_429_with_retry_after_and_upstream_down_is_503(
         await gateway.stop()
 
 
+async def test_reads_over_the_tokens_rate_are_429_with_retry_after(
+    module_prefix: str, services: tuple[IngestionApp, BillingApp], api: Api
+) -> None:
+    ingestion, billing = services
+    gateway = await start_gateway(
+        module_prefix,
+        ingestion.port,
+        billing.port,
+        redis_key_prefix=f"{module_prefix}reads-",  # buckets of its own
+        read_rate_per_s=0.01,  # a token every 100 s: none refills during the test
+        read_burst=1,
+    )
+    token = bearer(api.tokens["meter-2"])
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as client:
+            first = await client.get("/v1/devices/meter-2/bill", headers=token)
+            assert first.status_code == 200, first.text
+            second = await client.get("/v1/devices/meter-2/latest", headers=token)
+            assert second.status_code == 429, second.text
+            assert 1 <= int(second.headers["Retry-After"]) <= 100
+            assert second.json()["message"].startswith(
+                "rate limit: the token of device 'meter-2' may make 0.01 reads/s (burst 1); "
+                "retry in "
+            )
+            for _ in range(2):  # the admin token is not limited
+                admin = await client.get("/v1/devices/meter-2/bill", headers=bearer(ADMIN_TOKEN))
+                assert admin.status_code == 200, admin.text
+    finally:
+        await gateway.stop()
+
+
 async def test_openapi_page_request_id_and_metrics(api: Api) -> None:
     document = await api.http.get("/v1/openapi.json")
     assert document.status_code == 200

@@ -81,6 +81,21 @@ def test_a_burst_smaller_than_a_batch_is_refused() -> None:
     GatewaySettings(admin_token="x" * 16, device_burst=100, batch_size=500, device_rate_per_s=0)
 
 
+def test_reads_are_limited_per_token_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = GatewaySettings(admin_token="x" * 16).rate_limits
+    assert (limits.read_rate_per_s, limits.read_burst) == (5.0, 50)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "x" * 16)
+    monkeypatch.setenv("GATEWAY_READ_RATE_PER_S", "0")  # no limit
+    monkeypatch.setenv("GATEWAY_READ_BURST", "3")
+    limits = load_settings(GatewaySettings).rate_limits
+    assert (limits.read_rate_per_s, limits.read_burst) == (0, 3)
+    for variable, value in (("GATEWAY_READ_BURST", "0"), ("GATEWAY_READ_RATE_PER_S", "-1")):
+        with monkeypatch.context() as bad, pytest.raises(SystemExit) as stopped:
+            bad.setenv(variable, value)
+            load_settings(GatewaySettings)
+        assert f"{variable}={value!r}" in str(stopped.value.code)
+
+
 def test_a_billing_batch_of_readings_may_exceed_the_prefetch_of_messages(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
