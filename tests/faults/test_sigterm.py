@@ -40,7 +40,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.e2e.conftest import Stack
-from tests.faults.load import reconciled, steady_load
+from tests.faults.load import reconciled, steady_load, steady_load_until
 
 # Each test waits up to load.RECONCILE_WAIT_S for billing after its fault.
 pytestmark = pytest.mark.timeout(600)
@@ -80,9 +80,12 @@ async def test_sigterm_then_restart_under_load(
         BILLING_FAULTS_FILE=str(writes_fail), BILLING_RETRY_MAX_DELAY_S="0.5", **GRACE_ENV
     )
     ledger = tmp_path / "ledger.jsonl"
-    load = asyncio.gather(  # what billing keeps up with, so it ends in time
-        steady_load(stack, ledger, seconds=8, rate=RATE),
-        steady_load(stack, ledger, seconds=8, rate=RATE, batch=25),
+    # A rate billing keeps up with, until the service is back and one round more: the
+    # signal and the restart land under load however long they take.
+    back = asyncio.Event()
+    load = asyncio.gather(
+        steady_load_until(stack, ledger, back, rate=RATE),
+        steady_load_until(stack, ledger, back, rate=RATE, batch=25),
     )
     await wait_until(lambda: billed_some(stack), what="the load's readings billed")
     # A burst on top, so the signal finds RPCs and billing's prefetch window busy.
@@ -147,6 +150,7 @@ async def test_sigterm_then_restart_under_load(
         assert closing.clean, f"{service}'s AMQP connection {port} ended unclean:\n{closing.text}"
 
     await stack.start_service(service)
+    back.set()
     restarted = time.monotonic()
     unary, batched = await load
     bursted = await burst
