@@ -55,11 +55,15 @@ async def test_billing_killed_with_deliveries_in_flight_then_restarted(
 ) -> None:
     stack = await stacks()
     ledger = tmp_path / "ledger.jsonl"
-    load = asyncio.gather(steady_load(stack, ledger), steady_load(stack, ledger, batch=25))
+    back = asyncio.Event()
+    load = asyncio.gather(
+        steady_load_until(stack, ledger, back), steady_load_until(stack, ledger, back, batch=25)
+    )
     flying = await until_in_flight(stack)
     await stack.stop_service("billing_service", signal.SIGKILL)
     await asyncio.sleep(1)
     await stack.start_service("billing_service")
+    back.set()
     restarted = time.monotonic()
     await load
 
@@ -196,7 +200,8 @@ async def test_mongodb_server_stopped_under_load_then_started(
 ) -> None:
     stack = await stacks(mongodb_url=mongo_server.url, BILLING_RETRY_MAX_DELAY_S="1")
     ledger = tmp_path / "ledger.jsonl"
-    load = asyncio.create_task(steady_load(stack, ledger, seconds=14))
+    back = asyncio.Event()
+    load = asyncio.create_task(steady_load_until(stack, ledger, back))
     flying = await until_in_flight(stack)
     await mongo_server.stop()
     retries_before = await stack.metric("BILLING", "billing_store_retries_total")
@@ -212,6 +217,7 @@ async def test_mongodb_server_stopped_under_load_then_started(
         == acked_during
     ), "billing acked while its database was down"
     await mongo_server.start()
+    back.set()
     restarted = time.monotonic()
     await load
     await reconciled(
@@ -234,7 +240,8 @@ async def test_redis_unavailable_for_a_while(stacks, catalog: Path, tmp_path: Pa
     )
     ledger = tmp_path / "ledger.jsonl"
     try:
-        load = asyncio.create_task(steady_load(stack, ledger, seconds=10))
+        back = asyncio.Event()
+        load = asyncio.create_task(steady_load_until(stack, ledger, back))
         flying = await until_in_flight(stack)
         redis.kill()
         await redis.wait()
@@ -248,6 +255,7 @@ async def test_redis_unavailable_for_a_while(stacks, catalog: Path, tmp_path: Pa
         deferred = await stack.metric("BILLING", "billing_cache_deferred_total")
         assert deferred > 0, "billing did not notice Redis was down"
         redis = await start_redis(port)
+        back.set()
         restarted = time.monotonic()
         await load
         await reconciled(
@@ -281,7 +289,8 @@ async def test_mongodb_write_failures_injected_in_the_adapter(
     control = tmp_path / "mongodb-faults"
     stack = await stacks(BILLING_FAULTS_FILE=str(control), BILLING_RETRY_MAX_DELAY_S="1")
     ledger = tmp_path / "ledger.jsonl"
-    load = asyncio.create_task(steady_load(stack, ledger, seconds=12))
+    back = asyncio.Event()
+    load = asyncio.create_task(steady_load_until(stack, ledger, back))
     flying = await until_in_flight(stack)
     control.write_text("timeout")
     await asyncio.sleep(3)
@@ -296,6 +305,7 @@ async def test_mongodb_write_failures_injected_in_the_adapter(
         == acked_during
     ), "billing acked while every write failed"
     control.unlink()
+    back.set()
     restarted = time.monotonic()
     await load
     await reconciled(
