@@ -41,9 +41,6 @@ class RabbitNode:
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
             f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.prometheus_port}\n"
-            # Queue figures in the management API every second (default 5), for the tests'
-            # conditions on them.
-            "collect_statistics_interval = 1000\n"
         )
         (data_dir / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_prometheus].\n")
 
