@@ -241,9 +241,10 @@ def render_table(results: dict[str, Any]) -> list[str]:
     rabbit = results.get("broker", {}).get("aio_pika", {}).get("rabbitmq_version", "?")
     where = (
         f"started by the bench (prefix {stack['topology_prefix']}; its own queues emptied "
-        "between figures)"
+        "between figures; the gateway's global rate limit off)"
         if stack["own"]
-        else f"already running at {stack['target']} (its queues keep the bench's readings)"
+        else f"already running at {stack['target']} (its queues keep the bench's readings; "
+        "its rate limits apply)"
     )
     lines = [
         f"make bench {results['started_at']} ({results['duration_s']:.0f} s)",
