@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.interceptors import RequestIdInterceptor
-from common.metrics import MetricsInterceptor
+from common.metrics import MetricsInterceptor, watch_event_loop_lag
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -118,7 +118,9 @@ async def run_until_terminated(service: Service) -> None:
     # which otherwise walk it all and stall every call in flight (a gateway's full pass took
     # 76 ms under load, 27 ms frozen; Python's gc docs advise freeze for long-lived state).
     gc.freeze()
+    lag = asyncio.create_task(watch_event_loop_lag())
     await wait_for_termination_signal()
+    lag.cancel()
     began = time.monotonic()
     await service.stop()
     took_s = round(time.monotonic() - began, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,6 +36,27 @@ GRPC_CLIENT_LATENCY = Histogram(
     ["grpc_service", "grpc_method"],
     buckets=LATENCY_BUCKETS_S,
 )
+
+
+# How late the event loop runs a timer due every EVENT_LOOP_PROBE_S: the wait every callback,
+# RPC and message had at that moment, because a callback held the loop (blocking code, a
+# garbage collection) or the process got no core.
+EVENT_LOOP_PROBE_S = 0.1
+EVENT_LOOP_LAG = Histogram(
+    "event_loop_lag_seconds",
+    f"How late the event loop ran a timer due every {EVENT_LOOP_PROBE_S:g} s: the wait every "
+    "callback, RPC and message had then (a blocked loop, a collection, no free core).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+async def watch_event_loop_lag(interval_s: float = EVENT_LOOP_PROBE_S) -> None:
+    """Observe ``event_loop_lag_seconds`` every ``interval_s`` until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
 
 
 def serve_metrics(host: str, port: int) -> int:

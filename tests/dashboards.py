@@ -32,6 +32,8 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "grpc_server_handling_seconds_bucket",
         "grpc_client_handled_total",
         "grpc_client_handling_seconds_bucket",
+        # every service
+        "event_loop_lag_seconds_bucket",
         # api_gateway
         "gateway_readings_accepted_total",
         "gateway_readings_rejected_total",

@@ -1,4 +1,5 @@
-"""run_until_terminated: start, serve until SIGTERM, stop; start-up state out of the GC."""
+"""run_until_terminated: start, serve until SIGTERM, stop; start-up state out of the GC; the
+event loop's lag measured."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import asyncio
 import gc
 import os
 import signal
+import time
+
+from prometheus_client import REGISTRY
 
 from common.grpc_server import run_until_terminated
+from common.metrics import watch_event_loop_lag
 
 
 class Service:
@@ -38,3 +43,20 @@ async def test_what_start_built_is_frozen_out_of_full_collections_until_the_stop
         gc.unfreeze()
     assert service.frozen_while_serving > 0
     assert service.stopped
+
+
+async def test_a_blocked_event_loop_shows_as_lag() -> None:
+    before = _lag_count_over(0.25)
+    watcher = asyncio.create_task(watch_event_loop_lag(interval_s=0.01))
+    await asyncio.sleep(0.05)
+    time.sleep(0.3)  # noqa: ASYNC251 - on purpose: a callback that holds the loop
+    await asyncio.sleep(0.05)
+    watcher.cancel()
+    assert _lag_count_over(0.25) == before + 1
+
+
+def _lag_count_over(seconds: float) -> float:
+    """Observations of event_loop_lag_seconds above ``seconds`` (a bucket bound) so far."""
+    total = REGISTRY.get_sample_value("event_loop_lag_seconds_count")
+    within = REGISTRY.get_sample_value("event_loop_lag_seconds_bucket", {"le": str(seconds)})
+    return (total or 0.0) - (within or 0.0)
