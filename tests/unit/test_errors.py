@@ -50,10 +50,20 @@ class Aborted(Exception):
 
 
 class Context:
-    """Records what a handler aborted with."""
+    """Records what a handler aborted with; trailers set before are kept, as grpc.aio does."""
+
+    def __init__(self) -> None:
+        self.trailers: tuple[Any, ...] = ()
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        return self.trailers
+
+    def set_trailing_metadata(self, trailers: Any) -> None:
+        self.trailers = tuple(trailers)
 
     async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
-        self.code, self.details, self.trailers = code, details, tuple(trailers)
+        self.code, self.details = code, details
+        self.trailers = tuple(trailers) or self.trailers
         raise Aborted
 
 
