@@ -297,8 +297,10 @@ class BillCloser:
         return previous.label
 
     async def close_due(self, grace: timedelta) -> list[Closed]:
-        """Close, for every account of the catalog, its latest month ended ``grace`` ago,
-        unless issued. A failing account is logged and counted; the others go on."""
+        """Close, for every account of the catalog, its latest month ended ``grace`` ago and
+        any month its book numbered without storing the bill (a close that stopped half-way,
+        whose number would otherwise stay a gap), unless issued. A failing account or month
+        is logged and counted; the others go on."""
         catalog = self._catalog()
         closed = []
         for account in catalog.accounts:
@@ -306,30 +308,46 @@ class BillCloser:
             if label is None:
                 continue
             try:
-                if await self._store.get(account.id, label, with_bytes=False) is not None:
-                    continue
-                result = await self.close_period(account.id, label)
+                unfinished = await self._store.numbered_unissued(account.id)
             except Exception:
                 BILLS_CLOSED.labels("failed").inc()
                 log.exception(
-                    "could not close a period; retried on the next check",
-                    extra={"account_id": account.id, "period": label},
+                    "could not read the account's bill book; retried on the next check",
+                    extra={"account_id": account.id},
                 )
                 continue
-            BILLS_CLOSED.labels("issued" if result.issued_now else "already_issued").inc()
-            if result.issued_now:
-                log.info(
-                    "bill issued",
-                    extra={
-                        "account_id": account.id,
-                        "period": label,
-                        "bill_id": result.bill.bill_id,
-                        "number": result.bill.number,
-                        "total": str(result.bill.total),
-                    },
-                )
-            closed.append(result)
+            for period in dict.fromkeys([*unfinished, label]):
+                if (result := await self._close_logged(account.id, period)) is not None:
+                    closed.append(result)
         return closed
+
+    async def _close_logged(self, account_id: str, label: str) -> Closed | None:
+        """Close one period unless issued; log and count what happened (None: nothing new
+        to report, or a failure retried on the next check)."""
+        try:
+            if await self._store.get(account_id, label, with_bytes=False) is not None:
+                return None
+            result = await self.close_period(account_id, label)
+        except Exception:
+            BILLS_CLOSED.labels("failed").inc()
+            log.exception(
+                "could not close a period; retried on the next check",
+                extra={"account_id": account_id, "period": label},
+            )
+            return None
+        BILLS_CLOSED.labels("issued" if result.issued_now else "already_issued").inc()
+        if result.issued_now:
+            log.info(
+                "bill issued",
+                extra={
+                    "account_id": account_id,
+                    "period": label,
+                    "bill_id": result.bill.bill_id,
+                    "number": result.bill.number,
+                    "total": str(result.bill.total),
+                },
+            )
+        return result
 
     async def close_forever(self, interval_s: float, grace: timedelta) -> None:
         """``close_due`` every ``interval_s``, the first time at once."""

@@ -189,6 +189,14 @@ class MongoBillStore:
             found = await self._by_periods(account_id, periods, with_bytes=False)
         return [found[period] for period in periods if period in found]
 
+    async def numbered_unissued(self, account_id: str) -> list[str]:
+        """Periods the account's book numbered but no bill was stored for (a close that
+        stopped between the two), oldest first: their next close reuses the number."""
+        with transient_as(TransientFailure):
+            periods = await self._periods(account_id)
+            found = await self._by_periods(account_id, periods, with_bytes=False)
+        return [period for period in periods if period not in found]
+
     async def page(
         self, account_id: str, page_size: int, page_token: str
     ) -> tuple[list[IssuedBill], str]:

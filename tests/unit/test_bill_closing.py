@@ -112,6 +112,27 @@ async def _no_slots(device_id: str, start: datetime, end: datetime) -> dict[date
     raise TransientFailure("not used")
 
 
+async def _empty_slots(device_id: str, start: datetime, end: datetime) -> dict[datetime, int]:
+    return {}
+
+
+async def test_a_month_numbered_by_a_close_that_stopped_is_issued_with_its_number() -> None:
+    catalog = parse_catalog(CATALOG, "test")
+    bills = store()
+    now = datetime(2025, 4, 10, tzinfo=UTC)  # March is due (72 h after its end)
+    closer = BillCloser(DeviceBiller(_empty_slots), bills, lambda: catalog, lambda: now)
+    assert await bills.reserve_number("acme", "2025-01") == 1  # then the close stopped
+    assert await bills.numbered_unissued("acme") == ["2025-01"]
+
+    closed = await closer.close_due(timedelta(hours=72))
+    assert [(c.bill.period, c.bill.number, c.issued_now) for c in closed] == [
+        ("2025-01", 1, True),
+        ("2025-03", 2, True),
+    ]
+    assert await bills.numbered_unissued("acme") == []
+    assert await closer.close_due(timedelta(hours=72)) == []  # nothing left to issue
+
+
 def test_closing_settings_default_and_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = BillingSettings()
     assert (defaults.close_grace_hours, defaults.close_check_interval_s) == (72, 300)
