@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import grpc
 import httpx
 import pytest
+from aio_pika.exceptions import DeliveryError
 from prometheus_client import REGISTRY
 
 from api_gateway.app import GatewayApp
@@ -58,6 +60,7 @@ async def start_pipeline(
     max_in_flight_readings: int = 2000,
     batch_size: int = 7,
     gateway_settings: dict[str, object] | None = None,
+    confirm_timeout_s: float = 3,
     **ingestion_settings: object,
 ):
     ingestion = IngestionApp(
@@ -65,7 +68,7 @@ async def start_pipeline(
             port=0,
             topology_prefix=prefix,
             rabbitmq_url=rabbitmq_url,
-            confirm_timeout_s=3,
+            confirm_timeout_s=confirm_timeout_s,
             max_in_flight_readings=max_in_flight_readings,
             **ingestion_settings,  # type: ignore[arg-type]
         )
@@ -348,14 +351,17 @@ def busy_refusals() -> float:
     return REGISTRY.get_sample_value("ingestion_publish_failures_total", {"reason": "busy"}) or 0
 
 
-@pytest.fixture
-async def held_pipeline(prefix: str):  # type: ignore[no-untyped-def]
+@asynccontextmanager
+async def held(prefix: str, confirm_timeout_s: float = 3):  # type: ignore[no-untyped-def]
     """Ingestion (at most 10 readings in flight) and a gateway, with ingestion's broker
     connection through a proxy the test may hold: held, nothing is confirmed."""
     proxy = TcpProxy.to_url(RABBITMQ_URL)
     await proxy.start()
     ingestion, gateway = await start_pipeline(
-        prefix, proxy.url(RABBITMQ_URL), max_in_flight_readings=10
+        prefix,
+        proxy.url(RABBITMQ_URL),
+        max_in_flight_readings=10,
+        confirm_timeout_s=confirm_timeout_s,
     )
     await ingestion.publisher._connecting
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{ingestion.port}")
@@ -375,6 +381,20 @@ async def held_pipeline(prefix: str):  # type: ignore[no-untyped-def]
         await ingestion.stop()
         await proxy.cut()
         await delete_topology(prefix)
+
+
+@pytest.fixture
+async def held_pipeline(prefix: str):  # type: ignore[no-untyped-def]
+    async with held(prefix) as pipeline:
+        yield pipeline
+
+
+@pytest.fixture
+async def held_pipeline_confirming_in_1s(prefix: str):  # type: ignore[no-untyped-def]
+    """The held pipeline with a confirm timeout of 1 s, for a test that waits one out: the
+    held link confirms nothing, however long the wait."""
+    async with held(prefix, confirm_timeout_s=1) as pipeline:
+        yield pipeline
 
 
 async def test_readings_waiting_for_confirms_are_bounded_and_refused_at_once_beyond(
@@ -415,9 +435,9 @@ async def test_readings_waiting_for_confirms_are_bounded_and_refused_at_once_bey
 
 
 async def test_a_timed_out_or_nacked_publish_leaves_nothing_in_flight(
-    held_pipeline, prefix: str
+    held_pipeline_confirming_in_1s, prefix: str
 ) -> None:
-    proxy, ingestion, stub, _ = held_pipeline
+    proxy, ingestion, stub, _ = held_pipeline_confirming_in_1s
     in_flight = ingestion.publisher.in_flight
     proxy.hold()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -437,7 +457,7 @@ async def test_a_timed_out_or_nacked_publish_leaves_nothing_in_flight(
     async with httpx.AsyncClient(auth=("guest", "guest"), timeout=10) as client:
         (await client.put(url, json=policy)).raise_for_status()
         try:
-            await wait_until(_max_length_applied(Topology(prefix).billing_queue), what="policy")
+            await until_the_broker_refuses(Topology(prefix).billing_queue)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Publish(publish_request(10, 8), timeout=60)
             assert reason_of(caught.value) == Reason.QUEUE_FULL
@@ -453,10 +473,27 @@ def _counted(in_flight, readings: int):  # type: ignore[no-untyped-def]
     return check
 
 
-def _max_length_applied(queue: str):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return (await queue_info(queue)).get("effective_policy_definition", {}).get(
-            "max-length"
-        ) == 0
+async def until_the_broker_refuses(
+    queue_name: str, purge: bool = False, timeout_s: float = 60
+) -> None:
+    """Publish probes to the queue until the broker nacks one: a max-length policy with
+    reject-publish is in force. The broker applies a policy at once; the management API
+    shows it only after its next statistics round (5 s or more).
 
-    return check
+    A quorum queue refuses once it holds its max-length, so the probes that went in stay
+    (with max-length 0 they may be what fills it) unless ``purge``: then it is empty again.
+    """
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+
+        async def refused() -> bool:
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"probe"), queue_name)
+            except DeliveryError:
+                return True
+            return False
+
+        await wait_until(refused, timeout_s, what=f"the broker to refuse publishes to {queue_name}")
+        if purge:
+            await (await channel.declare_queue(queue_name, passive=True)).purge()
