@@ -22,13 +22,19 @@ from common.gateway_client import gateway_channel
 from common.models import Reading, derive_reading_id
 from common.rabbit import Topology
 from ingestion_service.app import IngestionApp
-from tests.component.test_ingestion import T, drain, readings_of, request, start_pipeline
+from tests.component.test_ingestion import (
+    T,
+    drain,
+    readings_of,
+    request,
+    start_pipeline,
+    until_the_broker_refuses,
+)
 from tests.conftest import (
     ADMIN_TOKEN,
     RABBITMQ_MANAGEMENT_URL,
     RABBITMQ_URL,
     delete_topology,
-    queue_info,
     wait_until,
 )
 from tests.tcp_proxy import TcpProxy
@@ -134,7 +140,8 @@ async def test_a_nacked_message_fails_exactly_the_calls_it_held(prefix: str) -> 
     async with httpx.AsyncClient(auth=("guest", "guest"), timeout=10) as client:
         (await client.put(url, json=policy)).raise_for_status()
         try:
-            await wait_until(_max_length_is(billing_queue, 3), what="the max-length policy")
+            # The probes that filled it are purged: the queue takes 3 of the test's messages.
+            await until_the_broker_refuses(billing_queue, purge=True)
             async with gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN) as channel:
                 answers = await send_at_once(gateway_pb2_grpc.GatewayStub(channel), CALLS)
             messages = await drain(billing_queue)
@@ -208,11 +215,3 @@ async def test_schema_1_publishes_one_message_per_call(prefix: str) -> None:
         await gateway.stop()
         await ingestion.stop()
         await delete_topology(prefix)
-
-
-def _max_length_is(queue: str, limit: int):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        info = await queue_info(queue)
-        return info.get("effective_policy_definition", {}).get("max-length") == limit
-
-    return check
