@@ -177,8 +177,22 @@ async def scraped(stack: Stack, prometheus: str) -> str:
         )
 
     await wait_until(everything_scraped, timeout_s=60, what="Prometheus to see all of it")
-    await asyncio.sleep(5)  # a few more scrapes, so rate() over 1m has two points or more
+    # Two more scrapes of every target, so rate() over 1m has two points or more for every
+    # series seen so far: a scrape of each after the latest scrape of any, twice over.
+    for _ in range(2):
+        latest = await _last_scrape(prometheus, "max")
+
+        async def all_scraped_again(since: float = latest) -> bool:
+            return await _last_scrape(prometheus, "min") > since
+
+        await wait_until(all_scraped_again, timeout_s=60, what="every target scraped again")
     return prometheus
+
+
+async def _last_scrape(url: str, over_targets: str) -> float:
+    """The ``min`` or ``max`` over the targets of the time of their latest scrape."""
+    answer = await query(url, f"{over_targets}(timestamp(up))")
+    return float(answer["data"]["result"][0]["value"][1])
 
 
 async def test_every_dashboard_panel_query_returns_data(scraped: str) -> None:
