@@ -40,7 +40,7 @@ from common.models import Reading, validate_reading
 from common.rabbit import ROUTING_KEY
 from tests.conftest import ADMIN_TOKEN, MONGODB_URL, RABBITMQ_URL, ready_count, wait_until
 from tests.e2e.conftest import TEST_SETTINGS, Stack
-from tests.faults.load import fault_catalog, load_devices, reconciled, steady_load
+from tests.faults.load import fault_catalog, load_devices, reconciled, steady_load_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -218,9 +218,13 @@ async def _storm(stack: Stack, readings: list[Reading]) -> int:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(stack.topology.exchange)
-        for _ in range(STORM_ROUNDS):
-            for reading in readings:
-                await exchange.publish(aio_pika.Message(encode_reading(reading)), ROUTING_KEY)
+        for _ in range(STORM_ROUNDS):  # a round's publishes at once, each confirmed
+            await asyncio.gather(
+                *(
+                    exchange.publish(aio_pika.Message(encode_reading(reading)), ROUTING_KEY)
+                    for reading in readings
+                )
+            )
     return STORM_ROUNDS * len(readings)
 
 
@@ -253,11 +257,13 @@ async def test_three_billing_and_two_analytics_replicas_stay_exact(
     print(f"\nstore atomicity: {measured}")
 
     # 1. Load with resends, while one billing replica holds deliveries it cannot write;
-    #    it is then SIGKILLed (what it held goes to the other replicas) and restarted.
+    #    it is then SIGKILLed (what it held goes to the other replicas) and restarted. The
+    #    load lasts until the restart, then one round more, however long that takes here.
     faults = Path(replicas.faulty_billing.settings["BILLING_FAULTS_FILE"])
     await asyncio.to_thread(faults.write_text, "timeout")
     ledger = tmp_path / "ledger.jsonl"
-    load = asyncio.create_task(steady_load(replicas.main, ledger, seconds=8, rate=150))
+    restarted = asyncio.Event()
+    load = asyncio.create_task(steady_load_until(replicas.main, ledger, restarted, rate=150))
     faulty = replicas.faulty_billing
     held = 0.0
 
@@ -271,6 +277,7 @@ async def test_three_billing_and_two_analytics_replicas_stay_exact(
     await faulty.stop_service("billing_service", signal.SIGKILL)
     await asyncio.to_thread(faults.unlink)
     await faulty.start_service("billing_service")
+    restarted.set()
     summary = await load
     assert summary.ok, f"loggers gave up on readings: {summary.failed_by_code}"
 
