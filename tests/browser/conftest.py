@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,9 +52,29 @@ async def web_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
 
 
 @pytest.fixture(scope="module")
-def chrome() -> Iterator[WebDriver]:
-    """One headless Chromium for a module's tests; each test starts from a blank tab state."""
+def chrome_starting() -> Iterator[Future[WebDriver]]:
+    """Chromium starting in a thread of its own, so that it boots while the stack starts (a
+    cold start of Chromium takes seconds); quit once the module's tests are done."""
     _require_browser()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        starting = pool.submit(_start_chrome)
+        try:
+            yield starting
+        finally:
+            if starting.exception(timeout=120) is None:
+                starting.result().quit()
+
+
+@pytest.fixture(scope="module")
+def chrome(chrome_starting: Future[WebDriver], web_stack: Stack) -> WebDriver:
+    """One headless Chromium for a module's tests; each test starts from a blank tab state.
+
+    ``web_stack`` is asked for after ``chrome_starting``: the stack starts while Chromium boots.
+    """
+    return chrome_starting.result(timeout=120)
+
+
+def _start_chrome() -> WebDriver:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -70,10 +91,7 @@ def chrome() -> Iterator[WebDriver]:
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    return driver
 
 
 def save_screenshot(driver: WebDriver, name: str) -> Path:
