@@ -445,6 +445,8 @@ async def test_a_timed_out_or_nacked_publish_leaves_nothing_in_flight(
     assert reason_of(caught.value) == Reason.CONFIRM_TIMEOUT
     assert in_flight.count == 0, "given up on: released"
     proxy.resume()
+    # The nack must come back as a nack, however slow the broker: a long wait from now on.
+    ingestion.publisher._confirm_timeout_s = 30
 
     name = f"{prefix}max-length"
     url = f"{RABBITMQ_MANAGEMENT_URL}/api/policies/%2F/{name}"
