@@ -87,7 +87,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     "SendReading takes one reading, in `reading`; send several on SendReadings, "
                     "where one stream message may carry them all in `readings`",
                 )
-            reading = self._validate(request.reading if request.HasField("reading") else None)
+            reading = self._validate(
+                request.reading if request.HasField("reading") else None, datetime.now(UTC)
+            )
         except InvalidReading as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         # Who may send and how fast is decided per call, before the reading joins a batch.
@@ -119,13 +121,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         async for request in request_iterator:
             try:
-                messages = _readings_of(request)
+                protos = _readings_of(request)
             except InvalidReading as error:
                 readings = len(request.readings) + 1
                 reject(request.reading.device_id, error, readings)
                 index += readings
                 continue
-            for message in messages:
+            now = datetime.now(UTC)  # once per message: its readings arrived together
+            for proto in protos:
                 if index >= self._max_stream_readings:
                     await context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -134,9 +137,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         + _accepted_note(response.accepted),
                     )
                 try:
-                    reading = self._validate(message)
+                    reading = self._validate(proto, now)
                 except InvalidReading as error:
-                    reject(message.device_id if message is not None else "", error)
+                    reject(proto.device_id if proto is not None else "", error)
                 else:
                     await self._guard.require_device(
                         principal, reading.device_id, context, _accepted_note(response.accepted)
@@ -164,11 +167,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         response.accepted += len(batch)
 
-    def _validate(self, message: reading_pb2.Reading | None) -> Reading:
+    def _validate(self, proto: reading_pb2.Reading | None, now: datetime) -> Reading:
         try:
-            if message is None:
+            if proto is None:
                 raise InvalidReading("reading", "is missing; put the reading in the request")
-            return reading_from_proto(message, now=datetime.now(UTC), limits=self._limits)
+            return reading_from_proto(proto, now=now, limits=self._limits)
         except InvalidReading as error:
             READINGS_REJECTED.labels(error.field).inc()
             raise

@@ -184,18 +184,21 @@ class MongoBillStore:
         Read by ``_id`` through the account's book (a period numbered but not yet stored,
         a close that crashed in between, is not issued and not listed).
         """
-        with transient_as(TransientFailure):
-            periods = await self._periods(account_id)
-            found = await self._by_periods(account_id, periods, with_bytes=False)
+        periods, found = await self._numbered(account_id)
         return [found[period] for period in periods if period in found]
 
     async def numbered_unissued(self, account_id: str) -> list[str]:
         """Periods the account's book numbered but no bill was stored for (a close that
         stopped between the two), oldest first: their next close reuses the number."""
+        periods, found = await self._numbered(account_id)
+        return [period for period in periods if period not in found]
+
+    async def _numbered(self, account_id: str) -> tuple[list[str], dict[str, IssuedBill]]:
+        """The periods the account's book numbered, oldest first, and the bills stored for
+        them (bookkeeping only, no bytes)."""
         with transient_as(TransientFailure):
             periods = await self._periods(account_id)
-            found = await self._by_periods(account_id, periods, with_bytes=False)
-        return [period for period in periods if period not in found]
+            return periods, await self._by_periods(account_id, periods, with_bytes=False)
 
     async def page(
         self, account_id: str, page_size: int, page_token: str
