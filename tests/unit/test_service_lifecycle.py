@@ -52,7 +52,8 @@ async def test_a_blocked_event_loop_shows_as_lag() -> None:
     time.sleep(0.3)  # noqa: ASYNC251 - on purpose: a callback that holds the loop
     await asyncio.sleep(0.05)
     watcher.cancel()
-    assert _lag_count_over(0.25) == before + 1
+    # At least the blocked one: a machine under load may add late timers of its own.
+    assert _lag_count_over(0.25) >= before + 1
 
 
 def _lag_count_over(seconds: float) -> float:
