@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from prometheus_client import Histogram
 
 from common import request_id
-from common.models import Reading
+from common.energy.v1.reading_pb2 import Reading
 
 log = logging.getLogger(__name__)
 

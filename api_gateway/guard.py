@@ -18,8 +18,8 @@ from api_gateway.auth import require_device as _require_device
 from api_gateway.auth import require_sender as _require_sender
 from api_gateway.ratelimit import RateLimits, RedisRateLimiter
 from api_gateway.upstream import abort_upstream_failure
+from common.energy.v1.reading_pb2 import Reading
 from common.interceptors import add_trailing_metadata
-from common.models import Reading
 
 AUTH_FAILURES = Counter(
     "gateway_auth_failures_total",

@@ -52,10 +52,13 @@ class Decoded:
 
 
 def _element(reading: Reading) -> dict[str, Any]:
+    timestamp = reading.timestamp
+    if timestamp.tzinfo is not UTC:  # validated readings are in UTC already
+        timestamp = timestamp.astimezone(UTC)
     return {
         "reading_id": reading.reading_id,
         "device_id": reading.device_id,
-        "timestamp": reading.timestamp.astimezone(UTC).isoformat(timespec="microseconds"),
+        "timestamp": timestamp.isoformat(timespec="microseconds"),
         "usage_kwh": reading.usage_kwh,
     }
 

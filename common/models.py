@@ -20,6 +20,9 @@ ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ : - starting with a letter or d
 # or resent readings would stop deduplicating.
 READING_ID_NAMESPACE = uuid.UUID("6f1c1a52-8d0e-4c47-9a53-3f0c2b7d9e41")
 _NAMESPACE_BYTES = READING_ID_NAMESPACE.bytes
+# The 128-bit id's version nibble (5: name-based, SHA-1) and variant bits (RFC 4122).
+_VERSION_VARIANT_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_VERSION_5_VARIANT = (0x5 << 76) | (0x2 << 62)
 MILLIWH_PER_KWH = 1_000_000
 
 
@@ -66,11 +69,11 @@ def derive_reading_id(device_id: str, timestamp: datetime) -> str:
     variant bits set) without building UUID objects, which cost twice the hash itself, for
     every reading without an id, at the gateway.
     """
-    instant = timestamp.astimezone(UTC).isoformat(timespec="microseconds")
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{device_id}|{instant}".encode()).digest())
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
-    hex_ = digest[:16].hex()
+    if timestamp.tzinfo is not UTC:
+        timestamp = timestamp.astimezone(UTC)
+    instant = timestamp.isoformat(timespec="microseconds")
+    digest = hashlib.sha1(_NAMESPACE_BYTES + f"{device_id}|{instant}".encode()).digest()
+    hex_ = "%032x" % (int.from_bytes(digest[:16]) & _VERSION_VARIANT_CLEAR | _VERSION_5_VARIANT)
     return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 
 
@@ -121,7 +124,8 @@ def validate_reading(
             f"is {usage_kwh:g} kWh, above the limit of {limits.max_usage_kwh:g} kWh for one "
             "reading; check the unit (kWh, not Wh)",
         )
-    timestamp = timestamp.astimezone(UTC)
+    if timestamp.tzinfo is not UTC:
+        timestamp = timestamp.astimezone(UTC)
     return Reading(
         device_id=device_id,
         timestamp=timestamp,

@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from api_gateway.adapters.ingestion import IngestionClient
+from common.convert import reading_to_proto
+from common.energy.v1 import reading_pb2
 from common.grpc_server import GrpcServer
 from common.models import Reading, derive_reading_id
 from common.rabbit import Topology
@@ -58,8 +60,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return pki
 
 
-def reading() -> Reading:
-    return Reading("meter-1", T, 1.5, derive_reading_id("meter-1", T))
+def reading() -> reading_pb2.Reading:
+    return reading_to_proto(Reading("meter-1", T, 1.5, derive_reading_id("meter-1", T)))
 
 
 @pytest.fixture

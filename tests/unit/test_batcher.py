@@ -10,13 +10,17 @@ import pytest
 
 from api_gateway.batcher import BatcherClosed, UnaryBatcher
 from common import request_id
-from common.models import Reading, validate_reading
+from common.convert import reading_to_proto
+from common.energy.v1.reading_pb2 import Reading
+from common.models import validate_reading
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 def reading(n: int) -> Reading:
-    return validate_reading(f"meter-{n}", NOW - timedelta(minutes=n), 0.5, now=NOW)
+    return reading_to_proto(
+        validate_reading(f"meter-{n}", NOW - timedelta(minutes=n), 0.5, now=NOW)
+    )
 
 
 class FakeIngestion:
