@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 
-from common.models import DEFAULT_LIMITS, Limits, Reading, validate_reading
+from common.models import DEFAULT_LIMITS, Limits, Reading, utc_isoformat, validate_reading
 
 SCHEMA_VERSION = 1  # one reading per message
 BATCH_SCHEMA_VERSION = 2  # many readings per message
@@ -52,13 +52,10 @@ class Decoded:
 
 
 def _element(reading: Reading) -> dict[str, Any]:
-    timestamp = reading.timestamp
-    if timestamp.tzinfo is not UTC:  # validated readings are in UTC already
-        timestamp = timestamp.astimezone(UTC)
     return {
         "reading_id": reading.reading_id,
         "device_id": reading.device_id,
-        "timestamp": timestamp.isoformat(timespec="microseconds"),
+        "timestamp": utc_isoformat(reading.timestamp),
         "usage_kwh": reading.usage_kwh,
     }
 

@@ -17,6 +17,7 @@ from common.models import (
     InvalidReading,
     Limits,
     derive_reading_id,
+    utc_isoformat,
     validate_reading,
 )
 
@@ -109,3 +110,21 @@ def test_a_derived_id_is_the_uuid5_of_device_and_instant(device_id: str, timesta
     instant = timestamp.isoformat(timespec="microseconds")
     expected = str(uuid.uuid5(READING_ID_NAMESPACE, f"{device_id}|{instant}"))
     assert derive_reading_id(device_id, timestamp) == expected
+
+
+# The text of an instant is cached by the instant; equal instants in other zones are equal
+# keys, so whichever comes first, the text must be UTC's.
+@given(
+    timestamp=st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+    offset_minutes=st.integers(min_value=-14 * 60, max_value=14 * 60),
+    zoned_first=st.booleans(),
+)
+def test_an_instants_text_is_utc_whatever_zone_asked_first(
+    timestamp: datetime, offset_minutes: int, zoned_first: bool
+) -> None:
+    zoned = timestamp.astimezone(timezone(timedelta(minutes=offset_minutes)))
+    expected = timestamp.isoformat(timespec="microseconds")
+    for instant in (zoned, timestamp) if zoned_first else (timestamp, zoned):
+        assert utc_isoformat(instant) == expected
