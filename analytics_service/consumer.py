@@ -50,17 +50,13 @@ class AnalyticsHandler:
         _replace_collector(PeakDemand(demand))
 
     async def __call__(self, readings: Sequence[Reading]) -> None:
-        new, energy_kwh = 0, 0.0
-        for reading in readings:
-            if self._tally.record(reading):
-                new += 1
-                energy_kwh += reading.usage_kwh
-                # Only what the tally counted as new: a redelivery must not raise the peak.
-                self._demand.add(reading)
+        new = self._tally.record_batch(readings)
+        # Only what the tally counted as new: a redelivery must not raise the peak.
+        self._demand.add_batch(new)
         # Once per batch: each inc takes the counter's lock.
-        READINGS.inc(new)
-        ENERGY.inc(energy_kwh)
-        DUPLICATES.inc(len(readings) - new)
+        READINGS.inc(len(new))
+        ENERGY.inc(sum(reading.usage_kwh for reading in new))
+        DUPLICATES.inc(len(readings) - len(new))
 
 
 class TopConsumers(Collector):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -68,26 +68,34 @@ class FleetDemand:
         self._peak_index = -1
         self._turn_month()
 
-    def add(self, reading: Reading) -> bool:
-        """Add a new reading's energy to its slot; False if its slot is not in this month."""
-        slot = slot_index(reading.timestamp)
+    def add_batch(self, readings: Iterable[Reading]) -> int:
+        """Add new readings' energy to their slots; return how many fell in this month."""
+        # Readings of a batch mostly end at the same instants (loggers meter aligned
+        # intervals), and slot_index is most of the cost of a reading: once per instant.
+        slots: dict[datetime, int] = {}
+        added = 0
         with self._lock:
-            if slot >= self._end:
-                # Ask the clock only then: a reading of a later month means the month may
-                # have turned (or the logger's clock is ahead).
-                self._turn_month()
-            index = slot - self._first
-            if not 0 <= index < len(self._milliwh):
-                return False
-            total = self._milliwh[index] + reading.usage_milliwh
-            self._milliwh[index] = total
-            # Slots only grow (energy is never negative), so the peak can follow each add;
-            # a tie goes to the earlier slot, whatever the order the readings came in.
-            if total > self._peak_milliwh or (
-                total == self._peak_milliwh and index < self._peak_index
-            ):
-                self._peak_milliwh, self._peak_index = total, index
-            return True
+            for reading in readings:
+                slot = slots.get(reading.timestamp)
+                if slot is None:
+                    slot = slots[reading.timestamp] = slot_index(reading.timestamp)
+                if slot >= self._end:
+                    # Ask the clock only then: a reading of a later month means the month
+                    # may have turned (or the logger's clock is ahead).
+                    self._turn_month()
+                index = slot - self._first
+                if not 0 <= index < len(self._milliwh):
+                    continue
+                total = self._milliwh[index] + reading.usage_milliwh
+                self._milliwh[index] = total
+                # Slots only grow (energy is never negative), so the peak can follow each
+                # add; a tie goes to the earlier slot, whatever the order the readings came in.
+                if total > self._peak_milliwh or (
+                    total == self._peak_milliwh and index < self._peak_index
+                ):
+                    self._peak_milliwh, self._peak_index = total, index
+                added += 1
+        return added
 
     def peak(self) -> Peak:
         """The highest slot of the current month so far (zeros before any energy)."""

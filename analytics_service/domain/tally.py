@@ -11,10 +11,8 @@ import heapq
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-from cachetools import TTLCache
 
 from common.models import Reading
 
@@ -43,28 +41,44 @@ class Tally:
     ) -> None:
         self._windows = windows
         self._clock = clock
-        self._seen: TTLCache[str, bool] = TTLCache(
-            maxsize=max_remembered, ttl=windows.dedupe_s, timer=clock
-        )
+        self._max_remembered = max_remembered
+        self._seen: dict[str, float] = {}  # reading_id -> when first seen
+        # The same ids, oldest first. Not the dict's own order: deleting a dict's first key
+        # leaves a hole that every later search for the first key steps over, so a full
+        # dict dropping its oldest id for each new one would cost O(max_remembered) per id.
+        self._oldest_first: deque[str] = deque()
         self._last_seen: dict[str, float] = {}
         self._energy: dict[str, deque[tuple[int, float]]] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def record(self, reading: Reading) -> bool:
-        """Return True if the reading is new (count it), False for a repeat."""
+    def record_batch(self, readings: Iterable[Reading]) -> list[Reading]:
+        """Count the readings not seen before; return them, in order (repeats left out).
+
+        One lock and one clock reading for the whole batch: its readings arrived together.
+        """
         with self._lock:
-            if reading.reading_id in self._seen:
-                return False
-            self._seen[reading.reading_id] = True
             now = self._clock()
-            self._last_seen[reading.device_id] = now
-            minutes = self._energy[reading.device_id]
+            seen, oldest_first = self._seen, self._oldest_first
+            horizon = now - self._windows.dedupe_s
+            while oldest_first and seen[oldest_first[0]] <= horizon:
+                del seen[oldest_first.popleft()]
             minute = int(now // 60)
-            if minutes and minutes[-1][0] == minute:
-                minutes[-1] = (minute, minutes[-1][1] + reading.usage_kwh)
-            else:
-                minutes.append((minute, reading.usage_kwh))
-            return True
+            new = []
+            for reading in readings:
+                if reading.reading_id in seen:
+                    continue
+                seen[reading.reading_id] = now
+                oldest_first.append(reading.reading_id)
+                if len(oldest_first) > self._max_remembered:
+                    del seen[oldest_first.popleft()]
+                new.append(reading)
+                self._last_seen[reading.device_id] = now
+                minutes = self._energy[reading.device_id]
+                if minutes and minutes[-1][0] == minute:
+                    minutes[-1] = (minute, minutes[-1][1] + reading.usage_kwh)
+                else:
+                    minutes.append((minute, reading.usage_kwh))
+            return new
 
     def restore(self, device_id: str, seconds_ago: float) -> None:
         """Seed a device's last-seen time (at start, from the latest readings billing keeps)."""
