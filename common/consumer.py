@@ -39,6 +39,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter as Tally
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -55,7 +56,7 @@ from aio_pika.abc import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from common.messages import CONTENT_TYPE, InvalidElement, PoisonMessage, decode
-from common.metrics import LATENCY_BUCKETS_S
+from common.metrics import LATENCY_BUCKETS_S, observe_times
 from common.models import Limits, Reading
 from common.rabbit import (
     REASON_HEADER,
@@ -446,8 +447,9 @@ class ReadingConsumer:
         finished, now = time.monotonic(), datetime.now(UTC)
         for delivery in acked:
             self._processing.observe(finished - delivery.received)
-            for reading in delivery.readings:
-                self._lag.observe((now - reading.timestamp).total_seconds())
+        instants = Tally(reading.timestamp for delivery in acked for reading in delivery.readings)
+        for instant, readings in instants.items():
+            observe_times(self._lag, (now - instant).total_seconds(), readings)
         everything = [delivery for delivery, _ in outcomes]
         self._settle_deliveries(everything)
         self._messages["acked"].inc(len(acked))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -57,6 +58,15 @@ async def watch_event_loop_lag(interval_s: float = EVENT_LOOP_PROBE_S) -> None:
         due = loop.time() + interval_s
         await asyncio.sleep(interval_s)
         EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
+
+
+def observe_times(histogram: Histogram, amount: float, times: int) -> None:
+    """``histogram.observe(amount)`` ``times`` times over, in one step: a batch's readings
+    share their interval ends, hence their lag, and an observe per reading was a tenth of a
+    consumer's CPU. prometheus_client has no weighted observe; this uses its histogram's
+    own buckets and sum (a unit test holds it to ``observe``'s exposition)."""
+    histogram._sum.inc(amount * times)
+    histogram._buckets[bisect.bisect_left(histogram._upper_bounds, amount)].inc(times)
 
 
 def serve_metrics(host: str, port: int) -> int:
