@@ -29,7 +29,8 @@ SCHEMA_VERSION = 1  # one reading per message
 BATCH_SCHEMA_VERSION = 2  # many readings per message
 SCHEMA_VERSIONS = (SCHEMA_VERSION, BATCH_SCHEMA_VERSION)
 CONTENT_TYPE = "application/json"
-_FIELDS = {"reading_id": str, "device_id": str, "timestamp": str, "usage_kwh": (int, float)}
+_NUMBERS = (int, float)
+_FIELDS = {"reading_id": (str,), "device_id": (str,), "timestamp": (str,), "usage_kwh": _NUMBERS}
 
 
 class PoisonMessage(ValueError):
@@ -147,27 +148,36 @@ def _is(version: object, expected: int) -> bool:
 
 
 def _reading(data: dict[str, Any], now: datetime, limits: Limits) -> Reading:
-    for name, kind in _FIELDS.items():
-        value = data.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise PoisonMessage(f"field {name!r} is missing or has the wrong type")
-    if not data["reading_id"]:
+    reading_id, device_id = data.get("reading_id"), data.get("device_id")
+    text, usage_kwh = data.get("timestamp"), data.get("usage_kwh")
+    # Exact types (JSON makes no subclasses; a bool is not a number here), checked at once;
+    # which field is wrong is looked up only for a message that has one.
+    if not (
+        type(reading_id) is str
+        and type(device_id) is str
+        and type(text) is str
+        and type(usage_kwh) in _NUMBERS
+    ):
+        raise PoisonMessage(_wrong_field(data))
+    if not reading_id:
         raise PoisonMessage("field 'reading_id' is empty")
     try:
-        timestamp = _from_isoformat(data["timestamp"])
+        timestamp = _from_isoformat(text)
     except ValueError:
-        raise PoisonMessage(f"timestamp {data['timestamp']!r} is not ISO-8601") from None
+        raise PoisonMessage(f"timestamp {text!r} is not ISO-8601") from None
     try:
         return validate_reading(
-            data["device_id"],
-            timestamp,
-            float(data["usage_kwh"]),
-            data["reading_id"],
-            now=now,
-            limits=limits,
+            device_id, timestamp, float(usage_kwh), reading_id, now=now, limits=limits
         )
     except ValueError as error:
         raise PoisonMessage(f"invalid reading: {error}") from None
+
+
+def _wrong_field(data: dict[str, Any]) -> str:
+    for name, kinds in _FIELDS.items():
+        if type(data.get(name)) not in kinds:
+            return f"field {name!r} is missing or has the wrong type"
+    raise AssertionError("every field has its type")  # pragma: no cover - checked first
 
 
 # A batch's readings share their interval ends: one datetime per text, parsed once.
