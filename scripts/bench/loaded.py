@@ -8,6 +8,8 @@ import asyncio
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import typer
+
 from common.rabbit import Topology
 from scripts.bench.measure import counter, memory_mib, pid_listening_on, process_cpu
 from scripts.bench.stack import Stack, server_url
@@ -20,6 +22,8 @@ DEFAULT_LISTEN_PORTS = {
     "analytics_service": 9100,
 }
 DEFAULT_BILLING_METRICS_URL = "http://127.0.0.1:9103/metrics"
+# How long a purge waits for the consumers to settle what they hold (billing's prefetch).
+SETTLE_LIMIT_S = 300.0
 
 
 @dataclass
@@ -46,8 +50,20 @@ class BenchStack:
 
     def purge(self) -> int:
         """Empty the bench's own billing and analytics queues (never a stack it did not start)
-        so that a backlog from one figure does not load the next; returns messages dropped."""
-        return asyncio.run(self.owned.purge()) if self.owned is not None else 0
+        and wait until both have settled what they had already taken, which a purge cannot
+        reach (billing's prefetch holds up to 100,000 readings: a minute of its work on a
+        small machine), so that a backlog from one figure does not load the next; returns
+        the messages dropped."""
+        if self.owned is None:
+            return 0
+        dropped = asyncio.run(self.owned.purge())
+        if not asyncio.run(self.owned.settled(SETTLE_LIMIT_S)):
+            typer.echo(
+                f"[bench] billing or analytics still held deliveries {SETTLE_LIMIT_S:g} s after "
+                "the purge: the next figure carries their backlog",
+                err=True,
+            )
+        return dropped
 
     def billed(self) -> float:
         """billing_readings_total{result="billed"} now."""

@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -230,6 +231,21 @@ class Stack:
     def _drop_database(self) -> None:
         with pymongo.MongoClient(self.mongodb_url, serverSelectionTimeoutMS=5000) as client:
             client.drop_database(self.database)
+
+    async def settled(self, limit_s: float) -> bool:
+        """Wait until billing and analytics hold no delivery unsettled (what they took before
+        a purge, up to their prefetch); False if they still do after ``limit_s``."""
+        deadline = time.monotonic() + limit_s
+        while True:
+            held = [
+                await self.metric(service, "consumer_unsettled_messages")
+                for service in ("BILLING", "ANALYTICS")
+            ]
+            if not any(held):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.5)
 
     async def purge(self) -> int:
         """Empty the billing and analytics queues; returns the messages dropped."""
