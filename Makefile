@@ -115,7 +115,7 @@ bench: proto services bench-tools $(ADMIN_TOKEN_FILE) ## Broker baseline, stream
 bench-auth: proto services ## What device auth and Redis rate limits cost per reading (gateway as a process)
 	$(PY) -m scripts.bench auth --calls 3000
 
-bench-soak: proto services ## 1,000,000 readings through a stack of its own: every service's RSS after each 100,000 (about 6 minutes)
+bench-soak: proto services ## 1,000,000 readings through a stack of its own: every service's RSS after each 100,000 and once all are billed (15-18 minutes)
 	$(PY) -m scripts.bench soak $(BENCH_ARGS)
 
 bench-billing: proto services ## How fast billing drains a queue of 5,000 readings into MongoDB and Redis [BENCH_BILLING_ARGS=--profile billing.txt]
