@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from prometheus_client import Histogram
 
 from common import request_id
-from common.energy.v1.reading_pb2 import Reading
+from common.energy.v1 import reading_pb2
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[list[Reading]], Awaitable[None]]
+Publish = Callable[[list[reading_pb2.Reading]], Awaitable[None]]
 
 BATCH_READINGS = Histogram(
     "gateway_unary_batch_readings",
@@ -50,7 +50,7 @@ class BatcherClosed(Exception):
 
 @dataclass
 class _Call:
-    reading: Reading
+    reading: reading_pb2.Reading
     request_id: str | None
     answer: asyncio.Future[None]
 
@@ -79,7 +79,7 @@ class UnaryBatcher:
         """Publishes waiting for their confirms."""
         return len(self._in_flight)
 
-    async def send(self, reading: Reading) -> None:
+    async def send(self, reading: reading_pb2.Reading) -> None:
         """Return once the publish holding ``reading`` is confirmed; raise what it raised."""
         if self._closed:
             raise BatcherClosed("the gateway is shutting down; resend the reading")

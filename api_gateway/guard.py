@@ -18,7 +18,7 @@ from api_gateway.auth import require_device as _require_device
 from api_gateway.auth import require_sender as _require_sender
 from api_gateway.ratelimit import RateLimits, RedisRateLimiter
 from api_gateway.upstream import abort_upstream_failure
-from common.energy.v1.reading_pb2 import Reading
+from common.energy.v1 import reading_pb2
 from common.interceptors import add_trailing_metadata
 
 AUTH_FAILURES = Counter(
@@ -137,7 +137,7 @@ class Guard:
     async def admit(
         self,
         principal: Principal,
-        readings: Sequence[Reading],
+        readings: Sequence[reading_pb2.Reading],
         context: grpc.aio.ServicerContext,
         note: str = "",
     ) -> None:

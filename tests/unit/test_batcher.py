@@ -11,13 +11,13 @@ import pytest
 from api_gateway.batcher import BatcherClosed, UnaryBatcher
 from common import request_id
 from common.convert import reading_to_proto
-from common.energy.v1.reading_pb2 import Reading
+from common.energy.v1 import reading_pb2
 from common.models import validate_reading
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-def reading(n: int) -> Reading:
+def reading(n: int) -> reading_pb2.Reading:
     return reading_to_proto(
         validate_reading(f"meter-{n}", NOW - timedelta(minutes=n), 0.5, now=NOW)
     )
@@ -31,7 +31,7 @@ class FakeIngestion:
         self.request_ids: list[str | None] = []
         self.confirms: list[asyncio.Future[None]] = []
 
-    async def publish(self, readings: list[Reading]) -> None:
+    async def publish(self, readings: list[reading_pb2.Reading]) -> None:
         self.batches.append([r.device_id for r in readings])
         self.request_ids.append(request_id.current())
         confirm = asyncio.get_running_loop().create_future()
