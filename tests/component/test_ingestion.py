@@ -249,6 +249,45 @@ async def test_the_stream_limit_counts_packed_readings(prefix: str) -> None:
         await delete_topology(prefix)
 
 
+async def test_a_stream_message_above_the_size_limit_fails_the_stream_and_a_resend_fits(
+    prefix: str,
+) -> None:
+    """Packed messages make the request size limit reachable: a message above
+    GATEWAY_MAX_MESSAGE_BYTES ends the stream with RESOURCE_EXHAUSTED naming both sizes,
+    readings not yet forwarded are not published, and the same readings resent in smaller
+    messages are all accepted."""
+    ingestion, gateway = await start_pipeline(prefix, gateway_settings={"max_message_bytes": 2048})
+    await ingestion.publisher._connecting
+    channel = gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN)
+    # Three devices, 35 minutes each: all in the past hour, every (device, minute) new.
+    readings = [request(f"meter-{m // 35}", minutes=m % 35).reading for m in range(105)]
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def stream(per_message: int):
+            yield gateway_pb2.SendReadingRequest(readings=readings[:5])
+            for start in range(5, len(readings), per_message):
+                yield gateway_pb2.SendReadingRequest(readings=readings[start : start + per_message])
+
+        oversized = gateway_pb2.SendReadingRequest(readings=readings[5:]).ByteSize()
+        assert oversized > 2048
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.SendReadings(stream(per_message=100), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"({oversized} vs. 2048)" in caught.value.details()
+        # The first 5 waited for a chunk of 7: none was forwarded, none is in the queue.
+        assert await drain(Topology(prefix).billing_queue) == []
+
+        response = await stub.SendReadings(stream(per_message=20), timeout=10)
+        assert response.accepted == 105 and response.rejected_count == 0
+        assert len(await drain_reading_ids(Topology(prefix).billing_queue)) == 105
+    finally:
+        await channel.close()
+        await gateway.stop()
+        await ingestion.stop()
+        await delete_topology(prefix)
+
+
 async def test_a_large_publish_is_split_into_messages_of_at_most_the_cap(prefix: str) -> None:
     ingestion, gateway = await start_pipeline(prefix, max_message_readings=500)
     await ingestion.publisher._connecting
