@@ -162,12 +162,13 @@ def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str
         ) from None
 
 
-def fresh_page(driver: WebDriver, world: World) -> None:
-    """The page as a new tab would have it: nothing in session storage (cleared on a path
-    of the same origin that runs no script, so no sign-in from it can write it again)."""
-    driver.get(world.url + "/v1/no-page-here")
+def fresh_page(driver: WebDriver, url: str) -> None:
+    """The page at ``url`` as a new tab would have it: nothing in session storage (cleared
+    on a path of the same origin that runs no script, so no sign-in from it can write it
+    again)."""
+    driver.get(url + "/v1/no-page-here")
     driver.execute_script("sessionStorage.clear()")
-    driver.get(world.url + "/")
+    driver.get(url + "/")
     wait_for(
         driver,
         lambda d: d.find_element("tag name", "body").get_attribute("data-ready"),
@@ -239,7 +240,7 @@ def test_account_token_shows_the_chart_and_the_bill_the_grpc_api_answers(
 ) -> None:
     from selenium.webdriver.support.ui import Select
 
-    fresh_page(chrome, world)
+    fresh_page(chrome, world.url)
     sign_in(chrome, "account", "household", world.account_token)
     wait_for(chrome, lambda d: visible(d, "dashboard"), "the dashboard")
     kept = storage(chrome)
@@ -342,7 +343,7 @@ def test_csv_upload_lists_bad_rows_by_line_and_sends_the_good_ones(
     ]
     assert [p.line for p in local] == [4, 6, 9]
 
-    fresh_page(chrome, world)
+    fresh_page(chrome, world.url)
     sign_in(chrome, "device", "lathe-meter", world.device_token)
     wait_for(chrome, lambda d: visible(d, "dashboard"), "the dashboard")
     chrome.refresh()  # the tab keeps its session: signed in again from sessionStorage
@@ -381,7 +382,7 @@ def test_csv_upload_lists_bad_rows_by_line_and_sends_the_good_ones(
 
 
 def test_a_wrong_token_shows_an_error_and_no_data(chrome: WebDriver, world: World) -> None:
-    fresh_page(chrome, world)
+    fresh_page(chrome, world.url)
     sign_in(chrome, "account", "household", "et1.0123456789abcdef.not-the-secret")
     wait_for(chrome, lambda d: visible(d, "error"), "the error")
     message = chrome.find_element("id", "error").text

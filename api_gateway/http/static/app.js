@@ -9,7 +9,10 @@
   const SESSION_KEY = "energy.session";
   const UPLOAD_CHUNK_ROWS = 500; // readings per POST /v1/readings
   const UPLOADS_IN_FLIGHT = 2;
-  const UPLOAD_TRIES = 6; // per chunk, on 429 and 503 (the wait: Retry-After or a backoff)
+  // Tries of a call refused for its rate (429), while the gateway is unavailable (503) or
+  // unreachable; between tries the wait is Retry-After, or a backoff without one.
+  const READ_TRIES = 4;
+  const UPLOAD_TRIES = 6; // per chunk
   const MAX_REPORTED_PROBLEMS = 50; // as make import
   // The chart's drawing units are the screen's pixels (the viewBox is the SVG's width when
   // drawn), so its text stays readable at phone width; a resize draws it again.
@@ -41,7 +44,21 @@
     return object[camel];
   }
 
-  async function api(path, options) {
+  /** ``path``'s answer, tried up to ``tries`` times while it is refused for a while only. */
+  async function api(path, options, tries = READ_TRIES) {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await callOnce(path, options);
+      } catch (error) {
+        const again = error.status === 429 || error.status === 503 || error.status === 0;
+        if (!again || attempt >= tries || !session) throw error;
+        const backoffS = Math.min(0.5 * 2 ** (attempt - 1), 10) * (0.5 + Math.random() / 2);
+        await sleep(1000 * (error.retryAfterS !== null ? error.retryAfterS : backoffS));
+      }
+    }
+  }
+
+  async function callOnce(path, options) {
     if (!session) throw new ApiError(0, { message: "signed out" });
     const headers = { Accept: "application/json", Authorization: `Bearer ${session.token}` };
     if (options && options.body) headers["Content-Type"] = "application/json";
@@ -64,6 +81,7 @@
   }
 
   const enc = encodeURIComponent;
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   // --- small view helpers -----------------------------------------------------------------
 
@@ -473,21 +491,11 @@
 
   // --- CSV upload -------------------------------------------------------------------------
 
-  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-  async function postChunk(readings) {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        // A JSON array of SendReadingRequest: the SendReadings stream of the gRPC API.
-        const body = JSON.stringify(readings.map((reading) => ({ reading })));
-        return await api("/v1/readings", { method: "POST", body });
-      } catch (error) {
-        const again = error.status === 429 || error.status === 503 || error.status === 0;
-        if (!again || attempt >= UPLOAD_TRIES) throw error;
-        const backoffS = Math.min(0.5 * 2 ** (attempt - 1), 10) * (0.5 + Math.random() / 2);
-        await sleep(1000 * (error.retryAfterS !== null ? error.retryAfterS : backoffS));
-      }
-    }
+  function postChunk(readings) {
+    // A JSON array of SendReadingRequest, the SendReadings stream of the gRPC API: one
+    // message carrying the chunk's readings (the gateway's cost is mostly per message).
+    const body = JSON.stringify([{ readings }]);
+    return api("/v1/readings", { method: "POST", body }, UPLOAD_TRIES);
   }
 
   async function upload(file) {
