@@ -9,6 +9,7 @@ dead-letter queue instead of looping or vanishing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import AMQPError
 
 from common.retry import WAIT_FOR_DEPENDENCY, retrying
@@ -123,8 +125,22 @@ async def connect(url: str) -> AbstractRobustConnection:
     """A robust connection (it reconnects by itself), retried with backoff until it is up:
     a service waits at start for the broker it cannot work without."""
     return await retrying(
-        lambda: aio_pika.connect_robust(url, timeout=5),
+        lambda: _connect_once(url),
         operation="rabbitmq_connect",
         policy=WAIT_FOR_DEPENDENCY,
         retry_on=(OSError, AMQPError, asyncio.TimeoutError),
     )
+
+
+async def _connect_once(url: str) -> AbstractRobustConnection:
+    """``aio_pika.connect_robust``, closing the connection of an attempt that fails or is
+    cancelled (a service stopped while it starts): connect_robust drops it unclosed, and its
+    reconnect loop then runs on with no owner, every 5 s, until the process ends."""
+    connection = aio_pika.RobustConnection(make_url(url))
+    try:
+        await connection.connect(timeout=5)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    return connection
