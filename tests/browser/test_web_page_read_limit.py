@@ -17,7 +17,7 @@ import pytest
 from billing_service.adapters.mongo import MongoCatalog
 from common.energy.v1 import billing_pb2, gateway_pb2, gateway_pb2_grpc, reading_pb2
 from common.gateway_client import gateway_channel
-from tests.browser.test_web_page import fresh_page, sign_in, visible, wait_for
+from tests.browser.test_web_page import CATALOG, fresh_page, sign_in, visible, wait_for
 from tests.conftest import ADMIN_TOKEN, wait_until
 from tests.e2e.conftest import TEST_SETTINGS, Stack, running
 
@@ -26,21 +26,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-DEVICE = "slow-reader"
-CATALOG = """
-default_tariff: home
-tariffs:
-  - id: home
-    currency: EUR
-    time_zone: UTC
-    standing_charge_per_day: "0.40"
-    tax_rate: "0.20"
-    energy: {kind: flat, price_per_kwh: "0.30"}
-accounts:
-  - {id: reader, name: A reader}
-devices:
-  - {id: slow-reader, account: reader, site: home, tariff: home}
-"""
+DEVICE = "lathe-meter"  # of the browser tests' catalog
 
 
 @pytest.fixture(scope="module")
