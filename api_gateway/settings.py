@@ -38,7 +38,9 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
     unary_batches_in_flight: int = Field(
         1, ge=1, le=64, description="SendReading batches waiting for confirms at once"
     )
-    max_message_bytes: int = Field(1024 * 1024, ge=1024, description="largest request accepted")
+    max_message_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest request accepted (not answers)"
+    )
     max_reported_rejections: int = Field(1000, ge=0, description="rejections listed per stream")
     shutdown_grace_s: float = Field(10.0, ge=0)
 

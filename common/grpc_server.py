@@ -57,7 +57,10 @@ class GrpcServer:
             ],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
+                # Answers are bounded by what a service sends (rejections listed, usage
+                # windows), not by the request limit: a small request limit must not fail
+                # the answer of a stream whose readings were published.
+                ("grpc.max_send_message_length", max(max_message_bytes, MAX_MESSAGE_BYTES)),
                 # HTTP/2 streams (calls) at once on one client connection; unset: gRPC's own.
                 *(
                     [("grpc.max_concurrent_streams", max_concurrent_streams)]

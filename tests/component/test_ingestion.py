@@ -288,6 +288,39 @@ async def test_a_stream_message_above_the_size_limit_fails_the_stream_and_a_rese
         await delete_topology(prefix)
 
 
+async def test_an_answer_larger_than_the_request_limit_still_reaches_the_caller(
+    prefix: str,
+) -> None:
+    """GATEWAY_MAX_MESSAGE_BYTES bounds requests only: a stream of small messages whose
+    answer lists more rejections than that many bytes gets its whole answer, and its good
+    readings are published once."""
+    ingestion, gateway = await start_pipeline(prefix, gateway_settings={"max_message_bytes": 2048})
+    await ingestion.publisher._connecting
+    channel = gateway_channel(f"127.0.0.1:{gateway.port}", ADMIN_TOKEN)
+    good = [request("meter-ok", minutes=m) for m in range(5)]
+    # A day ahead: each is rejected, and its rejection names it.
+    future = [request(f"meter-ahead-{n:02d}", minutes=24 * 60 + n) for n in range(40)]
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def stream():
+            for message in [*good, *future]:
+                yield message
+
+        response = await stub.SendReadings(stream(), timeout=10)
+        assert response.ByteSize() > 2048
+        assert response.accepted == 5 and response.rejected_count == 40
+        assert [r.device_id for r in response.rejected] == [
+            f"meter-ahead-{n:02d}" for n in range(40)
+        ]
+        assert len(await drain_reading_ids(Topology(prefix).billing_queue)) == 5
+    finally:
+        await channel.close()
+        await gateway.stop()
+        await ingestion.stop()
+        await delete_topology(prefix)
+
+
 async def test_a_large_publish_is_split_into_messages_of_at_most_the_cap(prefix: str) -> None:
     ingestion, gateway = await start_pipeline(prefix, max_message_readings=500)
     await ingestion.publisher._connecting
