@@ -147,8 +147,11 @@ async def _consume(
     }
 
 
-def perf_test(url: str, prefix: str, seconds: int, window: int, ack_every: int) -> dict[str, Any]:
-    """Run PerfTest for ``seconds`` (one producer, one consumer) and parse its summary."""
+def perf_test(
+    url: str, prefix: str, seconds: int, window: int, ack_every: int, rate: int = 0
+) -> dict[str, Any]:
+    """Run PerfTest for ``seconds`` (one producer, one consumer) and parse its summary;
+    ``rate``: publish that many messages a second (``--rate``) instead of flat out."""
     if not (PERF_TEST_LIB / f"perf-test-{PERF_TEST_VERSION}.jar").exists():
         raise RuntimeError(f"PerfTest is not in {PERF_TEST_LIB}: run bash scripts/bench_tools.sh")
     queue = f"{prefix}perf-test"
@@ -184,6 +187,7 @@ def perf_test(url: str, prefix: str, seconds: int, window: int, ack_every: int) 
         "1",
         "--time",
         str(seconds),
+        *(["--rate", str(rate)] if rate else []),
     ]
     try:
         output, cpu_s = run_measured(command, timeout_s=seconds + 60)
@@ -204,6 +208,7 @@ def perf_test(url: str, prefix: str, seconds: int, window: int, ack_every: int) 
         "message_bytes": len(sample_body()),
         "confirm_window": window,
         "ack_every": ack_every,
+        "rate_limit": rate or None,
         "publish_per_s": rates["sending"],
         "consume_per_s": rates.get("receiving", 0),
         "confirm_latency_us": latency.get("confirm", {}),

@@ -174,6 +174,19 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     _broker(table, broker)
     _streaming(table, results.get("streaming", {}))
     _unary(table, results.get("unary", {}).get("runs", []))
+    if paced := results.get("unary", {}).get("broker_paced"):
+        latency = paced["confirm_latency_us"]
+        table.add(
+            "unary",
+            f"  the broker alone at that rate ({paced['seconds']} s, one message a call, "
+            f"{paced['confirm_window']} confirms in flight): confirm p50/95/99 "
+            + "/".join(f"{latency.get(q, 0) / 1000:.1f}" for q in ("p50", "p95", "p99"))
+            + " ms",
+            paced["publish_per_s"],
+            "msg/s",
+            paced["tool"],
+            paced["loadgen_cpu_s"],
+        )
     for devices, fig in results.get("devices", {}).items():
         table.add(
             "devices",

@@ -54,6 +54,11 @@ def test_quick_bench_reports_positive_figures(tmp_path: Path) -> None:
     assert runs[-1]["rps_limit"] == max(1, runs[2]["ok_per_s"] // 2)
     for figure in runs:
         assert figure["ok_per_s"] > 0 and figure["p99_ms"] > 0 and figure["loadgen_cpu_s"] > 0
+    # The broker alone at the paced run's rate, beside it.
+    paced = results["unary"]["broker_paced"]
+    assert paced["rate_limit"] == runs[-1]["rps_limit"] and paced["publish_per_s"] > 0
+    assert paced["confirm_latency_us"]["p99"] > 0
+    assert "the broker alone at that rate" in run.stdout
     assert set(results["memory"]) == {
         "api_gateway",
         "ingestion_service",
