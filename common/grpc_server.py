@@ -114,42 +114,59 @@ async def run_until_terminated(service: Service) -> None:
     """Start, serve until SIGTERM or SIGINT, stop gracefully, log how long the stop took.
 
     ``stop`` is each app's own: it stops taking work, gives in-flight work its grace
-    period and closes connections; the process then exits 0.
+    period and closes connections; the process then exits 0. The signals are taken from
+    before ``start``: a service may take work before its start-up ends (billing consumes
+    before its gRPC port listens), so a signal during start-up cancels what is left of it
+    and then stops gracefully whatever had started, instead of killing the process.
     """
-    await service.start()
-    # What start-up built lives as long as the process: out of the collector's full passes,
-    # which otherwise walk it all and stall every call in flight (a gateway's full pass took
-    # 76 ms under load, 27 ms frozen; Python's gc docs advise freeze for long-lived state).
-    gc.freeze()
-    lag = asyncio.create_task(watch_event_loop_lag())
-    await wait_for_termination_signal()
-    lag.cancel()
+    signalled = _termination_signal()
+    starting = asyncio.ensure_future(service.start())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    during_start_up = not starting.done()
+    if not during_start_up:
+        starting.result()  # a start-up that failed ends the process, as before
+        # What start-up built lives as long as the process: out of the collector's full
+        # passes, which otherwise walk it all and stall every call in flight (a gateway's
+        # full pass took 76 ms under load, 27 ms frozen; Python's gc docs advise freeze).
+        gc.freeze()
+        lag = asyncio.create_task(watch_event_loop_lag())
+        await signalled
+        lag.cancel()
+    else:
+        starting.cancel()
+        try:
+            await starting
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # it failed meanwhile; what had started is stopped all the same
+            log.warning("start-up failed while stopping", exc_info=True)
+    log.info(
+        "termination signal received, shutting down",
+        extra={"signal": signalled.result().name, "during_start_up": during_start_up},
+    )
     began = time.monotonic()
     await service.stop()
     took_s = round(time.monotonic() - began, 3)
     log.info("shutdown completed in %.3f s", took_s, extra={"shutdown_s": took_s})
 
 
-async def wait_for_termination_signal() -> None:
-    """Return on SIGTERM or SIGINT (docker stop, Ctrl-C).
+def _termination_signal() -> asyncio.Future[signal.Signals]:
+    """The first SIGTERM or SIGINT from now on (docker stop, Ctrl-C).
 
-    A second SIGTERM or SIGINT during the graceful stop ends the process at once (exit
-    status 128 + signal): work not acknowledged by then is redelivered by RabbitMQ, and
-    callers whose RPC is cut off resend.
+    A second one ends the process at once (exit status 128 + signal): work not acknowledged
+    by then is redelivered by RabbitMQ, and callers whose RPC is cut off resend.
     """
     loop = asyncio.get_running_loop()
     received: asyncio.Future[signal.Signals] = loop.create_future()
 
     def first(sig: signal.Signals) -> None:
-        if not received.done():
-            received.set_result(sig)
+        received.set_result(sig)
+        for again in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(again, _exit_at_once, again)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, first, sig)
-    sig = await received
-    for again in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(again, _exit_at_once, again)
-    log.info("termination signal received, shutting down", extra={"signal": sig.name})
+    return received
 
 
 def _exit_at_once(sig: signal.Signals) -> None:

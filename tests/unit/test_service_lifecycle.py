@@ -7,7 +7,10 @@ import asyncio
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 
@@ -43,6 +46,45 @@ async def test_what_start_built_is_frozen_out_of_full_collections_until_the_stop
         gc.unfreeze()
     assert service.frozen_while_serving > 0
     assert service.stopped
+
+
+# A service that takes work during start-up and then waits on something that never comes
+# (billing consumes before its gRPC port listens; any start-up may wait for a dependency).
+STUCK_IN_START_UP = """
+import asyncio, sys
+from common.grpc_server import run_until_terminated
+
+class Service:
+    async def start(self):
+        print("taking work", flush=True)
+        await asyncio.Event().wait()
+
+    async def stop(self):
+        print("stopped gracefully", flush=True)
+
+asyncio.run(run_until_terminated(Service()))
+"""
+
+
+def test_a_signal_during_start_up_stops_what_started_gracefully() -> None:
+    """Without the handlers installed before start-up, SIGTERM killed such a process: no
+    graceful stop for the work it had taken."""
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK_IN_START_UP],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "taking work"
+        process.send_signal(signal.SIGTERM)
+        remaining, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert remaining.strip() == "stopped gracefully"
 
 
 async def test_a_blocked_event_loop_shows_as_lag() -> None:
