@@ -160,6 +160,8 @@ def _termination_signal() -> asyncio.Future[signal.Signals]:
     received: asyncio.Future[signal.Signals] = loop.create_future()
 
     def first(sig: signal.Signals) -> None:
+        if received.done():  # two signals queued before the handlers below took over
+            _exit_at_once(sig)
         received.set_result(sig)
         for again in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(again, _exit_at_once, again)
