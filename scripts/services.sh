@@ -25,6 +25,23 @@ wait_port() {  # wait_port PORT NAME SECONDS
   for _ in $(seq 1 "$3"); do port_open "$1" && return 0; sleep 1; done
   log "ERROR: $2 did not open port $1 within $3 s (logs in $STATE_DIR)"; return 1
 }
+wait_started() {  # wait_started PID PORT NAME LOG SECONDS: wait while the process lives
+  local waited=0
+  until port_open "$2"; do
+    if ! kill -0 "$1" 2>/dev/null; then
+      log "ERROR: $3 exited before it opened port $2; the end of $4:"
+      tail -n 20 "$4" >&2 || true
+      return 1
+    fi
+    if [ "$waited" -ge "$5" ]; then
+      log "ERROR: $3 (pid $1) had not opened port $2 after $5 s (log $4)"; return 1
+    fi
+    if [ "$waited" -gt 0 ] && [ $((waited % 15)) -eq 0 ]; then
+      log "$3 is still starting ($waited s)"
+    fi
+    sleep 1; waited=$((waited + 1))
+  done
+}
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 apt_packages=()
@@ -97,14 +114,16 @@ if pkill -f "ferretdb .*--listen-addr=127.0.0.1:$MONGODB_PORT" 2>/dev/null; then
   sleep 1
 fi
 if ! port_open "$MONGODB_PORT"; then
-  log "starting SecantusDB on $MONGODB_PORT (data in $STATE_DIR/secantusdb, kept across restarts)"
   mkdir -p "$STATE_DIR/secantusdb"
+  log "starting SecantusDB on $MONGODB_PORT (data in $STATE_DIR/secantusdb, kept across restarts: $(du -sh "$STATE_DIR/secantusdb" | cut -f1))"
+  # It reads every stored document's key before it listens (about 10 s a million here, far
+  # longer on a cold or slow disk), so it gets as long as it keeps running.
   # --standalone: drivers see one plain server, like the mongo:7 of docker compose.
   nohup "$SECANTUS_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$MONGODB_PORT" --standalone \
     --storage-path "$STATE_DIR/secantusdb" --log-level WARNING \
     >"$STATE_DIR/secantusdb.log" 2>&1 &
   echo $! >"$STATE_DIR/secantusdb.pid"
-  wait_port "$MONGODB_PORT" secantusdb 60
+  wait_started "$(cat "$STATE_DIR/secantusdb.pid")" "$MONGODB_PORT" secantusdb "$STATE_DIR/secantusdb.log" 900
   "$SECANTUS_VENV/bin/python" - "$MONGODB_PORT" <<'PING'
 import sys, pymongo
 pymongo.MongoClient(port=int(sys.argv[1]), serverSelectionTimeoutMS=30000).admin.command("ping")
@@ -115,7 +134,7 @@ if ! port_open "$REDIS_EXPORTER_PORT"; then
   log "starting redis_exporter on $REDIS_EXPORTER_PORT"
   nohup redis_exporter --redis.addr="redis://127.0.0.1:$REDIS_PORT" \
     --web.listen-address="127.0.0.1:$REDIS_EXPORTER_PORT" >"$STATE_DIR/redis_exporter.log" 2>&1 &
-  wait_port "$REDIS_EXPORTER_PORT" redis_exporter 30
+  wait_started $! "$REDIS_EXPORTER_PORT" redis_exporter "$STATE_DIR/redis_exporter.log" 60
 fi
 
 if ! port_open "$PROMETHEUS_PORT"; then
@@ -123,7 +142,8 @@ if ! port_open "$PROMETHEUS_PORT"; then
   nohup prometheus --config.file="$ROOT/deployments/prometheus/prometheus.local.yml" \
     --storage.tsdb.path="$STATE_DIR/prometheus" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
     >"$STATE_DIR/prometheus.log" 2>&1 &
-  wait_port "$PROMETHEUS_PORT" prometheus 60
+  # It replays its write-ahead log (kept across restarts) before it listens.
+  wait_started $! "$PROMETHEUS_PORT" prometheus "$STATE_DIR/prometheus.log" 600
 fi
 
 cat <<INFO
