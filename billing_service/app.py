@@ -73,7 +73,9 @@ class BillingApp:
             self.ledger, self.cache, self.catalog, settings.max_usage_buckets, bills=self.bills
         )
         self.closer = BillCloser(
-            DeviceBiller(ledger_slot_energy(self.ledger)), self.bills, self.catalog.require
+            DeviceBiller(ledger_slot_energy(self.ledger), self.ledger.late_writes),
+            self.bills,
+            self.catalog.require,
         )
         billing_pb2_grpc.add_BillingServicer_to_server(
             BillingServicer(self.queries), self.grpc.server

@@ -60,7 +60,8 @@ async def _close(settings: BillingSettings, period: str, account: str) -> list[C
         bills = MongoBillStore(ledger.database)
         catalog = CatalogHolder(MongoCatalog(ledger.database), bills)
         await catalog.refresh()
-        closer = BillCloser(DeviceBiller(ledger_slot_energy(ledger)), bills, catalog.require)
+        biller = DeviceBiller(ledger_slot_energy(ledger), ledger.late_writes)
+        closer = BillCloser(biller, bills, catalog.require)
         known = catalog.require()
         # Every account with devices (one without has nothing to bill), or the one asked for.
         accounts = (

@@ -45,6 +45,7 @@ from billing_service.domain.bill import (
     period_of_month,
     with_adjustments,
 )
+from billing_service.domain.late import ALWAYS_CHANGED, CLOSE_AFTER_END, LateWrites
 from billing_service.domain.tariff import (
     Catalog,
     IssuedVersionUse,
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # (device_id, start, end) -> milliwatt-hours by slot start in [start, end)
 SlotEnergy = Callable[[str, datetime, datetime], Awaitable[dict[datetime, int]]]
+# device_id -> its late-write marks (domain/late.py)
+LateWritesOf = Callable[[str], Awaitable[LateWrites]]
 
 BILLS_CLOSED = Counter(
     "billing_bills_closed_total",
@@ -127,8 +130,10 @@ async def issued_version_uses(store: MongoBillStore) -> list[IssuedVersionUse]:
 class DeviceBiller:
     """A device's bill for a period, with adjustments for the account's earlier issued bills."""
 
-    def __init__(self, slot_energy: SlotEnergy) -> None:
+    def __init__(self, slot_energy: SlotEnergy, late_writes: LateWritesOf | None = None) -> None:
+        """Without ``late_writes``, every issued month is recomputed for its adjustment."""
         self._slot_energy = slot_energy
+        self._late_writes = late_writes
 
     async def bill(
         self,
@@ -152,12 +157,17 @@ class DeviceBiller:
         """For each issued period Q before ``before`` whose bill included the device: its
         bill recomputed now (each day at the tariff version in force then, which the catalog
         check keeps as issued; the slots now; as of Q's end), minus
-        what was issued and what bills after Q already carried for Q."""
+        what was issued and what bills after Q already carried for Q. A Q whose slots no
+        late write touched since the last bill that included the device was issued is
+        skipped: that bill saw them as they are, so its adjustment would be zero."""
         found = []
+        late: LateWrites | None = None
         for earlier in issued:
             part = earlier.device(device_id)
             if earlier.period >= before or part is None:
                 continue
+            if late is None:
+                late = await self._late_writes(device_id) if self._late_writes else ALWAYS_CHANGED
             try:
                 tariff = catalog.tariff(part.tariff_id)
             except KeyError:  # the catalog check keeps a used tariff; log, never guess
@@ -167,6 +177,10 @@ class DeviceBiller:
                 )
                 continue
             period = period_of_month(tariff, earlier.period)
+            if not late.may_have_changed(
+                period.start, period.end, _last_seen(device_id, earlier.period, issued)
+            ):
+                continue
             slots = await self._slot_energy(device_id, period.start, period.end)
             recomputed = compute_bill(tariff, period, slots, period.end)
             carried = _carried(device_id, earlier.period, issued)
@@ -194,6 +208,16 @@ def _issued_device(device_id: str, bill: Bill, bill_bytes: bytes) -> IssuedDevic
             CarriedAdjustment(a.period_label, a.amount, a.energy_kwh) for a in bill.adjustments
         ),
         bill_bytes=bill_bytes,
+    )
+
+
+def _last_seen(device_id: str, period: str, issued: Sequence[IssuedBill]) -> datetime:
+    """When the last bill that read the device's ``period`` was issued: its own, or a later
+    one that included the device (which worked out the period's adjustment)."""
+    return max(
+        bill.issued_at
+        for bill in issued
+        if bill.period >= period and bill.device(device_id) is not None
     )
 
 
@@ -244,7 +268,15 @@ class BillCloser:
         if now < period.end:
             raise PeriodNotClosable(
                 f"period {label} of account {account_id!r} has not ended in {first.time_zone} "
-                f"(it ends {period.end.isoformat()}); close it after that"
+                f"(it ends {period.end.isoformat()}); close it after "
+                f"{(period.end + CLOSE_AFTER_END).isoformat()}"
+            )
+        if now < period.end + CLOSE_AFTER_END:
+            raise PeriodNotClosable(
+                f"period {label} of account {account_id!r} ended less than "
+                f"{CLOSE_AFTER_END.total_seconds() / 3600:g} h ago, at {period.end.isoformat()}; "
+                f"its last readings may still be on their way: close it after "
+                f"{(period.end + CLOSE_AFTER_END).isoformat()}"
             )
         issued = await self._store.of_account(account_id)
         bills: dict[str, Bill] = {}
@@ -285,12 +317,14 @@ class BillCloser:
         return Closed(stored, issued_now)
 
     def due_period(self, catalog: Catalog, account_id: str, grace: timedelta) -> str | None:
-        """The latest local month of the account whose end + ``grace`` has passed."""
+        """The latest local month of the account whose end + ``grace`` (at least
+        ``CLOSE_AFTER_END``) has passed."""
         devices = catalog.devices_of(account_id)
         if not devices:
             return None
         tariff = catalog.tariff(devices[0].tariff)
         now = self._clock()
+        grace = max(grace, CLOSE_AFTER_END)
         period = billing_period(tariff, now - grace)
         # The month holding now - grace has not ended grace ago; the one before has.
         previous = billing_period(tariff, period.start - timedelta(seconds=1))

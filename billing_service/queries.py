@@ -150,7 +150,7 @@ class BillingQueries:
         self._clock = clock
         self._cache_failed_at: datetime | None = None
         self.bills = bills if bills is not None else MongoBillStore(ledger.database)
-        self.biller = DeviceBiller(self._slot_energy)
+        self.biller = DeviceBiller(self._slot_energy, ledger.late_writes)
 
     async def latest(self, device_id: str) -> Reading:
         check_id("device_id", device_id)

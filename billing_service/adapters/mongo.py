@@ -25,12 +25,14 @@ from pymongo import ASCENDING, DESCENDING, WriteConcern
 from billing_service.adapters.mongo_batch import (
     ENERGY_MAP,
     SlotRow,
+    mark_late,
     read_slots,
     reading_key,
     set_in_slots,
     slot_row,
     store_readings,
 )
+from billing_service.domain.late import LateWrites, late_days
 from billing_service.domain.ledger import BatchRecorded, SlotKey, Total, TransientFailure
 from common.models import Reading
 from common.mongo import Database, connect, transient_as
@@ -38,6 +40,7 @@ from common.mongo import Database, connect, transient_as
 log = logging.getLogger(__name__)
 # The layout of device_slots, recorded in the meta collection once migrate_layout ran.
 LAYOUT, MAP_LAYOUT = "device_slots_layout", 2
+LATE_MARKS = "late_marks"  # meta: since when billing marks late writes
 
 
 def _utc(value: datetime) -> datetime:
@@ -72,7 +75,9 @@ def _reading(document: dict) -> Reading:  # type: ignore[type-arg]
 class MongoLedger:
     """Readings and per-device 15-minute slots in MongoDB."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self, database: Database, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
         self.database = database
         # A batch's last write, the readings insert, waits for the journal (j: true), which
         # holds the batch's earlier slot writes too: billing acks after it, and an ack must
@@ -80,7 +85,10 @@ class MongoLedger:
         # to a SIGKILL). One journal flush per batch, not one per slot.
         self.readings = database.get_collection("readings", write_concern=WriteConcern(j=True))
         self.device_slots = database["device_slots"]
+        self.late_marks = database["late_writes"]
         self._meta = database["meta"]
+        self._clock = clock
+        self._marks_since: datetime | None = None
 
     @classmethod
     def connect(cls, url: str, database: str, timeout_s: float) -> MongoLedger:
@@ -94,6 +102,11 @@ class MongoLedger:
         with transient_as(TransientFailure):
             await self.readings.create_index([("device_id", ASCENDING), ("timestamp", ASCENDING)])
             await self.device_slots.create_index([("device_id", ASCENDING), ("start", ASCENDING)])
+            await self.late_marks.create_index([("device_id", ASCENDING)])
+            # The first billing that writes late marks records when (late.py: reliable_from).
+            await self._meta.update_one(
+                {"_id": LATE_MARKS}, {"$setOnInsert": {"since": self._clock()}}, upsert=True
+            )
 
     async def record_batch(self, readings: Sequence[Reading]) -> BatchRecorded:
         """Set each reading in its slot, then store the raw readings: a few round trips.
@@ -106,6 +119,9 @@ class MongoLedger:
         for reading in readings:
             groups.setdefault(SlotKey.of(reading), []).append(reading)
         with transient_as(TransientFailure):
+            # Marked before the slots are written: a reader that sees the write sees its mark.
+            now = self._clock()
+            await mark_late(self.late_marks, late_days(readings, now), now)
             await set_in_slots(self.device_slots, groups)
             stored_before = await store_readings(self.readings, readings)
         new, seen = [], set(stored_before)
@@ -168,6 +184,18 @@ class MongoLedger:
         if migrated:
             log.info("slots rewritten in the map layout", extra={"slots": migrated})
         return migrated
+
+    @_transient
+    async def late_writes(self, device_id: str) -> LateWrites:
+        """The device's late-write marks (late.py), and since when they are complete."""
+        if self._marks_since is None:
+            document = await self._meta.find_one({"_id": LATE_MARKS})
+            self._marks_since = None if document is None else _utc(document["since"])
+        days = {
+            _utc(mark["day"]): _utc(mark["at"])
+            async for mark in self.late_marks.find({"device_id": device_id})
+        }
+        return LateWrites.marked_since(self._marks_since, days)
 
     @_transient
     async def slots(self, device_id: str, start: datetime, end: datetime) -> list[SlotRow]:

@@ -89,6 +89,25 @@ async def set_in_slots(slots: Collection, groups: Mapping[SlotKey, Sequence[Read
             raise TransientFailure("MongoDB: a concurrent writer created a slot; again") from error
 
 
+async def mark_late(marks: Collection, days: Iterable[tuple[str, datetime]], now: datetime) -> None:
+    """Upsert a mark per (device, UTC day) with the latest late write's time (late.py)."""
+    operations = [
+        UpdateOne(
+            {"_id": f"{device_id}|{day.strftime('%Y-%m-%d')}"},
+            {"$max": {"at": now}, "$setOnInsert": {"device_id": device_id, "day": day}},
+            upsert=True,
+        )
+        for device_id, day in sorted(days)
+    ]
+    if not operations:
+        return
+    try:
+        await marks.bulk_write(operations, ordered=False)
+    except BulkWriteError as error:  # two writers creating a mark at once, as in set_in_slots
+        _raise_unless_duplicates(error)
+        raise TransientFailure("MongoDB: a concurrent writer created a mark; again") from error
+
+
 async def store_readings(readings_collection: Collection, readings: Sequence[Reading]) -> set[str]:
     """One document per reading id; returns the ids that were stored already."""
     documents = {}

@@ -20,7 +20,7 @@ import grpc
 import pymongo
 import pytest
 
-from billing_service.adapters.mongo import MongoCatalog
+from billing_service.adapters.mongo import LATE_MARKS, MongoCatalog
 from billing_service.adapters.mongo_bills import MongoBillStore
 from billing_service.app import BillingApp
 from billing_service.domain.tariff import CatalogError
@@ -70,6 +70,9 @@ class Running:
 async def running(prefix: str) -> AsyncIterator[Running]:
     app = BillingApp(settings(prefix))
     await MongoCatalog(app.ledger.database).save(CATALOG, "tariffs.yaml")
+    # Late-write marks complete for days (domain/late.py), as on a database billing has
+    # written for a while: open bills recompute only the issued months marks touched.
+    await app.ledger.database["meta"].insert_one({"_id": LATE_MARKS, "since": NOW - timedelta(7)})
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:
@@ -125,6 +128,11 @@ async def test_a_closed_period_is_issued_once_and_late_readings_become_one_adjus
     # A late reading for January: the issued bills do not change, byte for byte.
     late = validate_reading("meter-1", datetime(2025, 1, 20, 10, 0, tzinfo=UTC), 1.0, now=NOW)
     await send(running, [late])  # type: ignore[arg-type]
+    marks = await app.ledger.late_writes("meter-1")
+    assert (
+        marks.days.keys() == {datetime(2025, 1, day, tzinfo=UTC) for day in (10, 20)}
+        and marks.reliable_from is not None
+    )
     assert (await account_bill(running, "2025-01")).SerializeToString(
         deterministic=True
     ) == first.bill.response_bytes

@@ -103,8 +103,10 @@ def test_the_due_period_is_the_latest_month_ended_a_grace_ago() -> None:
     # March ends 2025-03-31T22:00Z in Berlin (CEST).
     assert due(datetime(2025, 4, 3, 21, 59, tzinfo=UTC), 72) == "2025-02"
     assert due(datetime(2025, 4, 3, 22, 0, tzinfo=UTC), 72) == "2025-03"
-    assert due(datetime(2025, 3, 31, 22, 0, tzinfo=UTC), 0) == "2025-03"
-    assert due(datetime(2025, 3, 31, 21, 59, tzinfo=UTC), 0) == "2025-02"
+    # A grace below CLOSE_AFTER_END (1 h) waits that long: readings still on their way.
+    assert due(datetime(2025, 3, 31, 23, 0, tzinfo=UTC), 0) == "2025-03"
+    assert due(datetime(2025, 3, 31, 22, 59, tzinfo=UTC), 0) == "2025-02"
+    assert due(datetime(2025, 3, 31, 22, 59, tzinfo=UTC), 0.5) == "2025-02"
     assert due(datetime(2025, 4, 3, tzinfo=UTC), 0) is not None
 
 
