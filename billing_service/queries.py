@@ -150,7 +150,7 @@ class BillingQueries:
         self._clock = clock
         self._cache_failed_at: datetime | None = None
         self.bills = bills if bills is not None else MongoBillStore(ledger.database)
-        self.biller = DeviceBiller(self._slot_energy, ledger.late_writes)
+        self.biller = DeviceBiller(self.slot_energy, ledger.late_writes)
 
     async def latest(self, device_id: str) -> Reading:
         check_id("device_id", device_id)
@@ -179,7 +179,7 @@ class BillingQueries:
         tariff = catalog.tariff(device.tariff if device else catalog.default_tariff)
         period, as_of = self._period(tariff, period_label)
         if device is None:
-            slots = await self._slot_energy(device_id, period.start, period.end)
+            slots = await self.slot_energy(device_id, period.start, period.end)
             if not slots:
                 raise NotFound(
                     f"device {device_id!r} is not registered and has no readings in {period.label}"
@@ -302,7 +302,7 @@ class BillingQueries:
             raise InvalidQuery(f"period {label} has not started yet in {tariff.time_zone}")
         return period, min(now, period.end)
 
-    async def _slot_energy(
+    async def slot_energy(
         self, device_id: str, start: datetime, end: datetime
     ) -> dict[datetime, int]:
         """Milliwatt-hours by slot start in [start, end)."""

@@ -8,6 +8,7 @@
     auth            what device auth and rate limits cost per call (make bench-auth)
     import          the CSV importer: rows/s and peak RSS (make bench-import)
     query           read-side latency on a month of one device's readings
+    bills           an open bill's read time against the account's issued months
     store           a MongoDB-wire server under billing's kind of work
     profile         py-spy on the running services (make dev) under load
 """
@@ -16,7 +17,17 @@ from __future__ import annotations
 
 import typer
 
-from scripts.bench import auth, billing, broker, imports, platform, profiling, query, store
+from scripts.bench import (
+    auth,
+    billing,
+    bills,
+    broker,
+    imports,
+    platform,
+    profiling,
+    query,
+    store,
+)
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, help=__doc__)
 app.command("all", help=platform.__doc__)(platform.main)
@@ -33,6 +44,7 @@ app.command("billing", help=billing.__doc__)(billing.main)
 app.command("auth", help=auth.__doc__)(auth.main)
 app.command("import", help=imports.__doc__)(imports.main)
 app.command("query", help=query.__doc__)(query.main)
+app.command("bills", help=bills.__doc__)(bills.main)
 app.command("store", help=store.__doc__)(store.main)
 app.command("profile", help=profiling.__doc__)(profiling.main)
 

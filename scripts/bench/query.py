@@ -89,7 +89,7 @@ async def _bench(settings: BillingSettings, runs: int, interval_s: int) -> None:
         for name, query in cases:
             _report(name, await _time(query, runs))
         label = month_start.strftime("%Y-%m")
-        await _clear_redis(settings.redis_url)
+        await clear_redis(settings.redis_url, "bench-query:")
         first = await _time(lambda: queries.device_bill(DEVICE, label), 1)
         _report("month bill, first call (MongoDB, fills Redis)", first)
         _report(
@@ -107,7 +107,7 @@ async def _bench(settings: BillingSettings, runs: int, interval_s: int) -> None:
         )
     finally:
         await ledger.database.client.drop_database("bench_query")
-        await _clear_redis(settings.redis_url)
+        await clear_redis(settings.redis_url, "bench-query:")
         await cache.close()
         ledger.close()
 
@@ -132,9 +132,9 @@ async def _load_month(
     return count
 
 
-async def _clear_redis(url: str) -> None:
+async def clear_redis(url: str, prefix: str) -> None:
     client = redis.Redis.from_url(url)
-    keys = [key async for key in client.scan_iter("bench-query:*")]
+    keys = [key async for key in client.scan_iter(f"{prefix}*")]
     if keys:
         await client.delete(*keys)
     await client.aclose()
