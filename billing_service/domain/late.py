@@ -6,11 +6,13 @@ age (about 37 ms a month per device here, 15-minute readings), so billing marks 
 that can change an issued month, and readers recompute only the months those marks touch.
 
 - A month is closed no earlier than ``CLOSE_AFTER_END`` after it ends (closing.py).
-- A write is *late* when its slot ended ``LATE_AFTER`` or more before it (billing's clock).
-  Billing marks the slot's UTC day with the write's time, before it writes the slot.
-- Every write that can land after a close is late: its slot ended before the month did,
-  and a close comes ``CLOSE_AFTER_END`` after that. ``MARGIN``, the difference, absorbs
-  clock skew between billing and the closer and the time a write spends in flight.
+- A write is *late* when it comes ``LATE_AFTER`` or more after the earliest instant at
+  which the local month holding its slot can end, in any time zone (UTC-12 to UTC+14;
+  billing's clock). Billing marks the slot's UTC day with the write's time, before it
+  writes the slot. Readings caught up within their month are not late: the marks stay few.
+- Every write that can land after a close is late: a close comes ``CLOSE_AFTER_END`` after
+  the month's end. ``MARGIN``, the difference, absorbs clock skew between billing and the
+  closer and the time a write spends in flight.
 - So a bill issued at ``seen_at`` saw every slot of a month as it is now, unless a mark on a
   day of that month is no older than ``seen_at - MARGIN``.
 
@@ -35,14 +37,35 @@ ROLLOUT = timedelta(days=1)
 DAY = timedelta(days=1)
 
 
+# The widest UTC offsets of any time zone: local months end from 14 h before to 12 h after
+# the UTC month's end.
+EAST, WEST = timedelta(hours=14), timedelta(hours=12)
+
+
 def late_days(readings: Iterable[Reading], now: datetime) -> set[tuple[str, datetime]]:
-    """(device, UTC day start) of each reading whose slot ended ``LATE_AFTER`` before ``now``."""
+    """(device, UTC day start) of each reading written ``LATE_AFTER`` or more after the
+    earliest end of its slot's local month."""
     days = set()
     for reading in readings:
         start = slot_start(reading.timestamp)
-        if start + SLOT + LATE_AFTER <= now:
+        if earliest_month_end(start + SLOT) + LATE_AFTER <= now:
             days.add((reading.device_id, start.replace(hour=0, minute=0)))
     return days
+
+
+def earliest_month_end(slot_end: datetime) -> datetime:
+    """No later than the end of the local month holding the slot that ends at ``slot_end``,
+    in any time zone. A zone at offset ``o`` ends its months at the UTC month boundaries
+    ``B`` minus ``o``, the first one at or after ``slot_end``; over every offset in
+    [-WEST, EAST] that is at least max(B - EAST, slot_end) for the first ``B`` at or after
+    slot_end - WEST."""
+    boundary = _first_month_start_from(slot_end - WEST)
+    return max(boundary - EAST, slot_end)
+
+
+def _first_month_start_from(instant: datetime) -> datetime:
+    start = instant.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start if start == instant else (start + timedelta(days=32)).replace(day=1)
 
 
 @dataclass(frozen=True)

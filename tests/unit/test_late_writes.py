@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo, available_timezones
 
 import pytest
 from mongomock_motor import AsyncMongoMockClient
@@ -20,9 +21,11 @@ from billing_service.domain.late import (
     MARGIN,
     ROLLOUT,
     LateWrites,
+    earliest_month_end,
     late_days,
 )
 from common.models import validate_reading
+from common.slots import SLOT
 
 CATALOG = """
 default_tariff: t
@@ -35,14 +38,40 @@ UTC_DAY = datetime(2025, 2, 10, tzinfo=UTC)
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 
 
-def test_a_reading_is_late_once_its_slot_ended_late_after_before_the_write() -> None:
-    reading = validate_reading("m1", datetime(2025, 2, 10, 7, 5, tzinfo=UTC), 0.1, now=NOW)
-    slot_end = datetime(2025, 2, 10, 7, 15, tzinfo=UTC)
-    assert late_days([reading], slot_end + LATE_AFTER - timedelta(microseconds=1)) == set()
-    assert late_days([reading], slot_end + LATE_AFTER) == {("m1", UTC_DAY)}
-    # The first slot of a UTC day is marked on that day, whatever the tariff's zone.
-    midnight = validate_reading("m2", datetime(2025, 2, 10, 0, 15, tzinfo=UTC), 0.1, now=NOW)
-    assert late_days([midnight], datetime(2025, 3, 1, tzinfo=UTC)) == {("m2", UTC_DAY)}
+def test_a_reading_is_late_once_its_month_may_have_ended_late_after_before_the_write() -> None:
+    berlin_march_end = datetime(2025, 3, 31, 22, 0, tzinfo=UTC)  # the earliest: UTC+14
+    earliest = datetime(2025, 3, 31, 10, 0, tzinfo=UTC)
+    reading = validate_reading("m1", datetime(2025, 3, 10, 7, 5, tzinfo=UTC), 0.1, now=NOW)
+    assert late_days([reading], earliest + LATE_AFTER - timedelta(microseconds=1)) == set()
+    assert late_days([reading], earliest + LATE_AFTER) == {
+        ("m1", datetime(2025, 3, 10, tzinfo=UTC))
+    }
+    assert earliest < berlin_march_end
+    # A slot within 12 h after a UTC month's start may still be in the month before (UTC-12):
+    # late 15 minutes after it ends.
+    early = validate_reading("m2", datetime(2025, 4, 1, 11, 55, tzinfo=UTC), 0.1, now=NOW)
+    slot_end = datetime(2025, 4, 1, 12, 0, tzinfo=UTC)
+    assert earliest_month_end(slot_end) == slot_end
+    assert late_days([early], slot_end + LATE_AFTER) == {("m2", datetime(2025, 4, 1, tzinfo=UTC))}
+    assert earliest_month_end(slot_end + SLOT) == datetime(2025, 4, 30, 10, 0, tzinfo=UTC)
+
+
+def test_no_time_zone_ends_a_month_before_the_earliest_end() -> None:
+    """Slots every 75 minutes from 15 h before to 15 h after each UTC month boundary of
+    2025, and mid-month, in every IANA zone."""
+    boundaries = [datetime(2025, month, 1, tzinfo=UTC) for month in range(1, 13)]
+    slot_ends = [
+        boundary + timedelta(minutes=minutes)
+        for boundary in boundaries
+        for minutes in [*range(-15 * 60, 15 * 60 + 1, 75), 10 * 24 * 60]
+    ]
+    for zone in available_timezones():
+        tz = ZoneInfo(zone)
+        for slot_end in slot_ends:
+            local = (slot_end - timedelta(microseconds=1)).astimezone(tz)
+            following = (local.replace(day=1) + timedelta(days=32)).replace(day=1)
+            month_end = datetime(following.year, following.month, 1, tzinfo=tz)
+            assert earliest_month_end(slot_end) <= month_end, (zone, slot_end, month_end)
 
 
 def test_a_month_is_recomputed_only_for_a_mark_in_it_since_it_was_last_seen() -> None:
