@@ -121,7 +121,7 @@ class MongoLedger:
         with transient_as(TransientFailure):
             # Marked before the slots are written: a reader that sees the write sees its mark.
             now = self._clock()
-            await mark_late(self.late_marks, late_days(readings, now), now)
+            await mark_late(self.late_marks, late_days(groups, now), now)
             await set_in_slots(self.device_slots, groups)
             stored_before = await store_readings(self.readings, readings)
         new, seen = [], set(stored_before)

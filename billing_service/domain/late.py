@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from common.models import Reading
-from common.slots import SLOT, slot_start
+from billing_service.domain.ledger import SlotKey
+from common.slots import SLOT
 
 LATE_AFTER = timedelta(minutes=15)
 CLOSE_AFTER_END = timedelta(hours=1)
@@ -42,14 +42,17 @@ DAY = timedelta(days=1)
 EAST, WEST = timedelta(hours=14), timedelta(hours=12)
 
 
-def late_days(readings: Iterable[Reading], now: datetime) -> set[tuple[str, datetime]]:
-    """(device, UTC day start) of each reading written ``LATE_AFTER`` or more after the
-    earliest end of its slot's local month."""
+def late_days(slots: Iterable[SlotKey], now: datetime) -> set[tuple[str, datetime]]:
+    """(device, UTC day start) of each slot written ``LATE_AFTER`` or more after the
+    earliest end of its local month."""
+    late_at: dict[datetime, bool] = {}  # by slot start: a batch's slots share a few
     days = set()
-    for reading in readings:
-        start = slot_start(reading.timestamp)
-        if earliest_month_end(start + SLOT) + LATE_AFTER <= now:
-            days.add((reading.device_id, start.replace(hour=0, minute=0)))
+    for slot in slots:
+        late = late_at.get(slot.start)
+        if late is None:
+            late = late_at[slot.start] = earliest_month_end(slot.start + SLOT) + LATE_AFTER <= now
+        if late:
+            days.add((slot.device_id, slot.start.replace(hour=0, minute=0)))
     return days
 
 

@@ -24,6 +24,7 @@ from billing_service.domain.late import (
     earliest_month_end,
     late_days,
 )
+from billing_service.domain.ledger import SlotKey
 from common.models import validate_reading
 from common.slots import SLOT
 
@@ -42,8 +43,10 @@ def test_a_reading_is_late_once_its_month_may_have_ended_late_after_before_the_w
     berlin_march_end = datetime(2025, 3, 31, 22, 0, tzinfo=UTC)  # the earliest: UTC+14
     earliest = datetime(2025, 3, 31, 10, 0, tzinfo=UTC)
     reading = validate_reading("m1", datetime(2025, 3, 10, 7, 5, tzinfo=UTC), 0.1, now=NOW)
-    assert late_days([reading], earliest + LATE_AFTER - timedelta(microseconds=1)) == set()
-    assert late_days([reading], earliest + LATE_AFTER) == {
+    assert (
+        late_days([SlotKey.of(reading)], earliest + LATE_AFTER - timedelta(microseconds=1)) == set()
+    )
+    assert late_days([SlotKey.of(reading)], earliest + LATE_AFTER) == {
         ("m1", datetime(2025, 3, 10, tzinfo=UTC))
     }
     assert earliest < berlin_march_end
@@ -52,7 +55,9 @@ def test_a_reading_is_late_once_its_month_may_have_ended_late_after_before_the_w
     early = validate_reading("m2", datetime(2025, 4, 1, 11, 55, tzinfo=UTC), 0.1, now=NOW)
     slot_end = datetime(2025, 4, 1, 12, 0, tzinfo=UTC)
     assert earliest_month_end(slot_end) == slot_end
-    assert late_days([early], slot_end + LATE_AFTER) == {("m2", datetime(2025, 4, 1, tzinfo=UTC))}
+    assert late_days([SlotKey.of(early)], slot_end + LATE_AFTER) == {
+        ("m2", datetime(2025, 4, 1, tzinfo=UTC))
+    }
     assert earliest_month_end(slot_end + SLOT) == datetime(2025, 4, 30, 10, 0, tzinfo=UTC)
 
 
