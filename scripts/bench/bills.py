@@ -22,14 +22,13 @@ from typing import Annotated
 
 import typer
 
-from billing_service.adapters.mongo import LATE_MARKS, MongoCatalog, MongoLedger
+from billing_service.adapters.mongo import LATE_MARKS, MongoLedger
 from billing_service.adapters.redis import RedisCache
 from billing_service.closing import BillCloser, DeviceBiller
-from billing_service.queries import BillingQueries, CatalogHolder
 from billing_service.settings import BillingSettings
 from common.models import validate_reading
 from common.settings import load_settings
-from scripts.bench.query import clear_redis
+from scripts.bench.query import bench_queries, clear_redis
 
 DEVICE, ACCOUNT, DATABASE, PREFIX = "bench-meter", "bench-account", "bench_bills", "bench-bills:"
 CATALOG = f"""
@@ -67,12 +66,8 @@ async def _bench(settings: BillingSettings, months: int, interval_s: int, runs: 
             {"_id": LATE_MARKS}, {"$set": {"since": start - timedelta(days=30)}}
         )
         print(f"loaded {count:,} readings of {DEVICE}, {months} months and this one")
-        store = MongoCatalog(ledger.database)
-        await store.save(CATALOG, "bench catalog")
-        catalog = CatalogHolder(store)
-        await catalog.refresh()
-        queries = BillingQueries(ledger, cache, catalog, settings.max_usage_buckets)
-        closer = BillCloser(queries.biller, queries.bills, catalog.require)
+        queries = await bench_queries(ledger, cache, CATALOG, settings)
+        closer = BillCloser(queries.biller, queries.bills, lambda: queries.catalog_snapshot()[1])
         recompute_all = DeviceBiller(queries.slot_energy)  # no late marks
         label = now.strftime("%Y-%m")
 

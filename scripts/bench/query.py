@@ -62,11 +62,7 @@ async def _bench(settings: BillingSettings, runs: int, interval_s: int) -> None:
         count = await _load_month(ledger, month_start, month_end, interval_s, now)
         print(f"loaded {count:,} readings in {time.perf_counter() - started:.1f} s")
 
-        store = MongoCatalog(ledger.database)
-        await store.save(CATALOG, "bench catalog")
-        catalog = CatalogHolder(store)
-        await catalog.refresh()
-        queries = BillingQueries(ledger, cache, catalog, settings.max_usage_buckets)
+        queries = await bench_queries(ledger, cache, CATALOG, settings)
         day_end = month_start + timedelta(days=1)
         cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             (
@@ -130,6 +126,17 @@ async def _load_month(
             ]
         )
     return count
+
+
+async def bench_queries(
+    ledger: MongoLedger, cache: RedisCache, catalog_text: str, settings: BillingSettings
+) -> BillingQueries:
+    """Billing's read side on ``ledger``, with ``catalog_text`` stored and loaded."""
+    store = MongoCatalog(ledger.database)
+    await store.save(catalog_text, "bench catalog")
+    catalog = CatalogHolder(store)
+    await catalog.refresh()
+    return BillingQueries(ledger, cache, catalog, settings.max_usage_buckets)
 
 
 async def clear_redis(url: str, prefix: str) -> None:

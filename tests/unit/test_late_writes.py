@@ -27,14 +27,8 @@ from billing_service.domain.late import (
 from billing_service.domain.ledger import SlotKey
 from common.models import validate_reading
 from common.slots import SLOT
+from tests.unit.test_bill_closing import CATALOG  # acme's m1, Europe/Berlin, flat
 
-CATALOG = """
-default_tariff: t
-tariffs:
-  - {id: t, currency: EUR, time_zone: Europe/Berlin, energy: {kind: flat, price_per_kwh: "0.3"}}
-accounts: [{id: acme}]
-devices: [{id: m1, account: acme, site: s, tariff: t}]
-"""
 UTC_DAY = datetime(2025, 2, 10, tzinfo=UTC)
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 
