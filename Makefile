@@ -29,7 +29,7 @@ dev up down down-delete-data: export GATEWAY_ADMIN_TOKEN = $(ADMIN_TOKEN)
 up down down-delete-data: export RABBITMQ_PASSWORD = $(shell cat $(RABBITMQ_PASSWORD_FILE))
 simulate import reconcile bench bench-import: export GATEWAY_TOKEN ?= $(ADMIN_TOKEN)
 
-.PHONY: help install proto openapi services browser dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
+.PHONY: help install proto openapi services services-stop services-delete-data browser dev seed close-period import simulate reconcile dlq dlq-replay test-faults bench bench-tools helm-tools bench-import bench-auth bench-billing bench-soak test test-unit lint fmt up down down-delete-data compose-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ $(RABBITMQ_PASSWORD_FILE):
 
 services: ## Install (when missing) and start RabbitMQ, Redis, SecantusDB (MongoDB wire), Prometheus, grpcurl locally
 	bash scripts/services.sh
+
+services-stop: ## Stop what make services started (RabbitMQ, Redis, SecantusDB, Prometheus, redis_exporter); data kept
+	bash scripts/services.sh stop
+
+services-delete-data: ## Stop them and delete their data: make dev's readings and bills, queued readings, Prometheus history
+	bash scripts/services.sh delete-data
 
 browser: ## Install (when missing) Debian's chromium and chromium-driver for the browser tests
 	bash scripts/browser.sh

@@ -4,7 +4,13 @@
 # Redis, SecantusDB (a MongoDB-wire server on WiredTiger, in a virtual environment of its
 # own, data kept across restarts), grpcurl, Prometheus with promtool, and redis_exporter.
 # Idempotent: a server that already answers is left alone, so a second run is fast.
+#
+#   services.sh              install and start (make services)
+#   services.sh stop         stop the servers it starts, data kept (make services-stop)
+#   services.sh delete-data  stop them, then delete SecantusDB's data, Prometheus' history
+#                            and RabbitMQ's queues, messages and users (make services-delete-data)
 set -euo pipefail
+ACTION=${1:-start}
 
 STATE_DIR=${ENERGY_STATE_DIR:-$HOME/.local/state/energy-platform}
 GOBIN=${GOBIN:-$(go env GOPATH 2>/dev/null || echo "$HOME/go")/bin}
@@ -43,6 +49,39 @@ wait_started() {  # wait_started PID PORT NAME LOG SECONDS: wait while the proce
   done
 }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+stop_process() {  # stop_process NAME PATTERN: SIGTERM, then wait up to 60 s for it to exit
+  pkill -TERM -f "$2" 2>/dev/null || return 0
+  for _ in $(seq 1 60); do pgrep -f "$2" >/dev/null || { log "stopped $1"; return 0; }; sleep 1; done
+  log "ERROR: $1 still runs 60 s after SIGTERM (pgrep -f '$2')"; return 1
+}
+stop_all() {
+  export PATH="$PATH:/usr/sbin"
+  stop_process prometheus "prometheus --config.file=.*/deployments/prometheus/prometheus.local.yml"
+  stop_process redis_exporter "redis_exporter --redis.addr=redis://127.0.0.1:$REDIS_PORT"
+  # SecantusDB closes WiredTiger cleanly on SIGTERM: nothing to recover at the next start.
+  stop_process SecantusDB "secantusd-py --host 127.0.0.1 --port $MONGODB_PORT "
+  if port_open "$REDIS_PORT"; then
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null && log "stopped redis-server on $REDIS_PORT"
+  fi
+  if port_open "$RABBITMQ_PORT"; then
+    if [ "$1" = delete-data ]; then
+      rabbitmqctl stop_app >/dev/null && rabbitmqctl reset >/dev/null
+      log "deleted RabbitMQ's queues, messages and users (guest comes back at the next start)"
+    fi
+    rabbitmqctl stop >/dev/null && log "stopped rabbitmq-server"
+  fi
+}
+case "$ACTION" in
+  start) ;;
+  stop) stop_all stop; exit 0 ;;
+  delete-data)
+    stop_all delete-data
+    rm -rf "$STATE_DIR/secantusdb" "$STATE_DIR/prometheus"
+    log "deleted SecantusDB's data and Prometheus' history in $STATE_DIR"
+    exit 0 ;;
+  *) log "ERROR: unknown action '$ACTION': start (the default), stop or delete-data"; exit 2 ;;
+esac
 
 apt_packages=()
 command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_packages+=(rabbitmq-server)
