@@ -179,12 +179,19 @@ class Guard:
         if caller_id is None:
             return
         decision = await self._limiter.acquire_read(principal.kind, caller_id)  # device, account
-        if not decision.allowed:
+        if decision.allowed:
+            return
+        if decision.scope == "global_reads":
+            limit = (
+                f"the gateway answers {self._limits.global_read_rate_per_s:g} reads/s from all "
+                f"device and account tokens together (burst {self._limits.global_read_burst})"
+            )
+        else:
             limit = (
                 f"{principal.description} may make {self._limits.read_rate_per_s:g} reads/s "
                 f"(burst {self._limits.read_burst})"
             )
-            await _exhausted(context, limit, decision.retry_after_s)
+        await _exhausted(context, limit, decision.retry_after_s)
 
 
 async def _exhausted(

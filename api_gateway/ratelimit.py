@@ -6,20 +6,24 @@ checks the device bucket (skipped for callers without a device, such as admin or
 import) and the global bucket, then takes the tokens from both or from neither: a refused
 batch costs nothing. The script reads the Redis clock (``TIME``), so replicas whose clocks
 disagree still agree on the buckets. Every read call (a bill, usage, readings) takes one
-token from its caller's read bucket with the same script: a device token and an account
-token each have their own (``acquire_read``).
+token from its caller's read bucket and one from the gateway's read bucket with the same
+script, from both or neither: a device token and an account token each have their own, and
+all of them share the gateway's (``acquire_read``), which bounds what billing must answer.
 
 Keys (``key_prefix`` defaults to ``""``), each a hash ``tokens``, ``updated_us``:
 - ``{key_prefix}ratelimit:device:{device_id}``
 - ``{key_prefix}ratelimit:global``
 - ``{key_prefix}ratelimit:reads:{kind}:{id}`` (``kind`` is device or account)
+- ``{key_prefix}ratelimit:reads``
 A bucket expires once it would have refilled completely (plus a second), which is the same
 state as no key at all, so idle devices leave nothing behind. Both keys are touched by one
 script, so under Redis Cluster they would need a common hash tag.
 
 Recommended limits (``RateLimits()``): 10 readings/s per device with a burst of 1000,
-20 000 readings/s for the gateway with a burst of 40 000, and 5 reads/s per token with a
-burst of 50 (a web page's load makes about 6 reads). The readings' bursts exceed the
+20 000 readings/s for the gateway with a burst of 40 000, 5 reads/s per token with a
+burst of 50 (a web page's load makes about 6 reads), and 200 reads/s for the gateway with a
+burst of 400 (about what one billing process answers for 15-minute meters: 60-250 bills
+a second). The readings' bursts exceed the
 gateway's batch size (500 by default, 10 000 at most), so a forwarded chunk always fits.
 A batch larger than a burst can never pass: the decision says so with ``retry_after_s =
 inf`` (``Decision.exceeds_burst``), and the caller should split the batch instead of
@@ -53,7 +57,8 @@ REDIS_ERRORS = Counter(
 RATELIMITED = Counter(
     "gateway_ratelimited_readings_total",
     "Readings refused by the rate limiter, by the bucket that refused them (device, global); "
-    "scope reads counts refused read calls (a bill, usage, readings) instead.",
+    "scopes reads (a token's) and global_reads (the gateway's) count refused read calls (a "
+    "bill, usage, readings) instead.",
     ["scope"],
 )
 WARNING_INTERVAL_S = 30.0
@@ -112,10 +117,12 @@ class RateLimits:
     global_burst: int = 40_000
     read_rate_per_s: float = 5.0  # per device or account token
     read_burst: int = 50
+    global_read_rate_per_s: float = 200.0  # every device and account token together
+    global_read_burst: int = 400
 
     def __post_init__(self) -> None:
         # A limited bucket that cannot hold one token would refuse everything.
-        for name in ("device", "global", "read"):
+        for name in ("device", "global", "read", "global_read"):
             if getattr(self, f"{name}_rate_per_s") > 0 and getattr(self, f"{name}_burst") < 1:
                 raise ValueError(f"{name}_burst must be at least 1 when {name}_rate_per_s > 0")
 
@@ -126,7 +133,7 @@ class Decision:
 
     allowed: bool
     retry_after_s: float = 0.0
-    scope: str = ""  # "device", "global" or "reads" when refused
+    scope: str = ""  # "device", "global", "reads" or "global_reads" when refused
 
     @property
     def exceeds_burst(self) -> bool:
@@ -174,15 +181,18 @@ class RedisRateLimiter:
         return await self._take(self._buckets(device_id), count)
 
     async def acquire_read(self, kind: str, caller_id: str) -> Decision:
-        """Take one token from the read bucket of the caller's token: ``kind`` (device or
-        account) and its id."""
+        """Take one token from the read bucket of the caller's token, ``kind`` (device or
+        account) and its id, and one from the gateway's read bucket: from both or neither."""
         limits = self._limits
-        if limits.read_rate_per_s <= 0:
-            return ALLOWED
-        key = f"{self._key_prefix}ratelimit:reads:{kind}:{caller_id}"
-        return await self._take(
-            [_Bucket("reads", key, limits.read_rate_per_s, limits.read_burst)], 1
-        )
+        buckets = []
+        if limits.read_rate_per_s > 0:
+            key = f"{self._key_prefix}ratelimit:reads:{kind}:{caller_id}"
+            buckets.append(_Bucket("reads", key, limits.read_rate_per_s, limits.read_burst))
+        if limits.global_read_rate_per_s > 0:
+            key = f"{self._key_prefix}ratelimit:reads"
+            rate, burst = limits.global_read_rate_per_s, limits.global_read_burst
+            buckets.append(_Bucket("global_reads", key, rate, burst))
+        return await self._take(buckets, 1)
 
     async def _take(self, buckets: list[_Bucket], count: int) -> Decision:
         """``count`` tokens from every bucket or from none; allowed unchecked when Redis fails."""

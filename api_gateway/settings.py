@@ -73,6 +73,12 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
         5.0, ge=0, description="read calls/s per device or account token; 0: no limit"
     )
     read_burst: int = Field(50, ge=1, description="read calls a token may make at once")
+    # About what one billing process answers: a 15-minute meter's open bill took 4-16 ms of
+    # it here (python -m scripts.bench bills), so 60-250 a second.
+    global_read_rate_per_s: float = Field(
+        200.0, ge=0, description="read calls/s of every device and account token; 0: no limit"
+    )
+    global_read_burst: int = Field(400, ge=1, description="read calls all tokens may make at once")
 
     # Limits on connections and streams.
     max_stream_readings: int = Field(100_000, ge=1, description="readings one stream may carry")
@@ -116,4 +122,6 @@ class GatewaySettings(ServiceSettings, ServerTlsSettings, InternalClientTlsSetti
             global_burst=self.global_burst,
             read_rate_per_s=self.read_rate_per_s,
             read_burst=self.read_burst,
+            global_read_rate_per_s=self.global_read_rate_per_s,
+            global_read_burst=self.global_read_burst,
         )

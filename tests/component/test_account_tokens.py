@@ -311,3 +311,44 @@ async def test_reads_are_limited_per_token_and_not_for_the_admin(stack: Stack) -
     for _ in range(5):
         await admin.GetAccountBill(bill, timeout=10)
     assert reads_limited() == limited_before + 2
+
+
+@pytest.mark.parametrize(
+    "gateway_overrides",
+    [
+        {
+            "read_rate_per_s": 0.01,
+            "read_burst": 10,
+            "global_read_rate_per_s": 0.01,
+            "global_read_burst": 4,
+        }
+    ],
+)
+async def test_all_tokens_together_are_limited_by_the_gateways_read_bucket(stack: Stack) -> None:
+    gateway = stack.gateway
+    acme = gateway.stub(await stack.issue("acme"))
+    meter_1 = gateway.stub(await gateway.register("meter-1"))
+    globex = gateway.stub(await stack.issue("globex"))
+    before = REGISTRY.get_sample_value(
+        "gateway_ratelimited_readings_total", {"scope": "global_reads"}
+    )
+
+    acme_bill = billing_pb2.GetAccountBillRequest(account_id="acme")
+    meter_bill = billing_pb2.GetDeviceBillRequest(device_id="meter-1")
+    for _ in range(2):  # each token far within its own burst of 10
+        await acme.GetAccountBill(acme_bill, timeout=10)
+        await meter_1.GetDeviceBill(meter_bill, timeout=10)
+    call = globex.GetAccountBill(billing_pb2.GetAccountBillRequest(account_id="globex"), timeout=10)
+    details = await refused(call, Code.RESOURCE_EXHAUSTED)
+    assert details.startswith(
+        "rate limit: the gateway answers 0.01 reads/s from all device and account tokens "
+        "together (burst 4); retry in "
+    )
+    assert 0 < int(dict(await call.trailing_metadata())["grpc-retry-pushback-ms"]) <= 100_000
+    after = REGISTRY.get_sample_value(
+        "gateway_ratelimited_readings_total", {"scope": "global_reads"}
+    )
+    assert after - (before or 0) == 1
+    # The admin token (reconcile and other bulk tools) is not limited by it either.
+    admin = gateway.stub(ADMIN_TOKEN)
+    await admin.GetAccountBill(billing_pb2.GetAccountBillRequest(account_id="globex"), timeout=10)

@@ -29,6 +29,8 @@ UNLIMITED = RateLimits(
     global_burst=0,
     read_rate_per_s=0,
     read_burst=0,
+    global_read_rate_per_s=0,
+    global_read_burst=0,
 )
 # Slow enough that refills during a test stay far below one token.
 SLOW = 0.01
@@ -186,6 +188,32 @@ async def test_each_token_has_its_own_read_bucket(
     assert after - (before or 0) == 1
     assert await client.exists(f"{prefix}ratelimit:reads:account:acme")
     assert (await rl.acquire(None, 1)).allowed  # reads take nothing of the readings' buckets
+
+
+async def test_every_token_shares_the_gateways_read_bucket(
+    limiter: Callable, client: aioredis.Redis, prefix: str
+) -> None:
+    rl = limiter(
+        limits(read_rate_per_s=SLOW, read_burst=5, global_read_rate_per_s=SLOW, global_read_burst=3)
+    )
+    before = REGISTRY.get_sample_value(
+        "gateway_ratelimited_readings_total", {"scope": "global_reads"}
+    )
+
+    for caller in ("acme", "globex", "initech"):  # each well within its own bucket
+        assert (await rl.acquire_read("account", caller)).allowed
+    refused = await rl.acquire_read("device", "meter-1")
+
+    assert not refused.allowed and refused.scope == "global_reads"
+    assert 0 < refused.retry_after_s <= 100
+    after = REGISTRY.get_sample_value(
+        "gateway_ratelimited_readings_total", {"scope": "global_reads"}
+    )
+    assert after - (before or 0) == 1
+    # Refused by the gateway's bucket, the token's own was not taken from.
+    assert not await client.exists(f"{prefix}ratelimit:reads:device:meter-1")
+    assert await client.hget(f"{prefix}ratelimit:reads:account:acme", "tokens") == b"4"
+    assert (await rl.acquire(None, 1)).allowed  # readings take nothing of the reads' buckets
 
 
 async def test_reads_without_a_rate_are_not_limited(

@@ -84,12 +84,22 @@ def test_a_burst_smaller_than_a_batch_is_refused() -> None:
 def test_reads_are_limited_per_token_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     limits = GatewaySettings(admin_token="x" * 16).rate_limits
     assert (limits.read_rate_per_s, limits.read_burst) == (5.0, 50)
+    assert (limits.global_read_rate_per_s, limits.global_read_burst) == (200.0, 400)
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "x" * 16)
     monkeypatch.setenv("GATEWAY_READ_RATE_PER_S", "0")  # no limit
     monkeypatch.setenv("GATEWAY_READ_BURST", "3")
     limits = load_settings(GatewaySettings).rate_limits
     assert (limits.read_rate_per_s, limits.read_burst) == (0, 3)
-    for variable, value in (("GATEWAY_READ_BURST", "0"), ("GATEWAY_READ_RATE_PER_S", "-1")):
+    monkeypatch.setenv("GATEWAY_GLOBAL_READ_RATE_PER_S", "50")
+    monkeypatch.setenv("GATEWAY_GLOBAL_READ_BURST", "60")
+    limits = load_settings(GatewaySettings).rate_limits
+    assert (limits.global_read_rate_per_s, limits.global_read_burst) == (50, 60)
+    for variable, value in (
+        ("GATEWAY_READ_BURST", "0"),
+        ("GATEWAY_READ_RATE_PER_S", "-1"),
+        ("GATEWAY_GLOBAL_READ_BURST", "0"),
+        ("GATEWAY_GLOBAL_READ_RATE_PER_S", "-1"),
+    ):
         with monkeypatch.context() as bad, pytest.raises(SystemExit) as stopped:
             bad.setenv(variable, value)
             load_settings(GatewaySettings)
