@@ -79,14 +79,7 @@ async def set_in_slots(slots: Collection, groups: Mapping[SlotKey, Sequence[Read
         )
         for key, group in groups.items()
     ]
-    for first in range(0, len(operations), UPSERTS_PER_CALL):
-        try:
-            await slots.bulk_write(operations[first : first + UPSERTS_PER_CALL], ordered=False)
-        except BulkWriteError as error:
-            # Two writers upserting a new slot at once: one may get a duplicate key, and
-            # MongoDB retries such an upsert itself only sometimes. Writing again is safe.
-            _raise_unless_duplicates(error)
-            raise TransientFailure("MongoDB: a concurrent writer created a slot; again") from error
+    await _upsert(slots, operations, "slot")
 
 
 async def mark_late(marks: Collection, days: Iterable[tuple[str, datetime]], now: datetime) -> None:
@@ -99,13 +92,21 @@ async def mark_late(marks: Collection, days: Iterable[tuple[str, datetime]], now
         )
         for device_id, day in sorted(days)
     ]
-    if not operations:
-        return
-    try:
-        await marks.bulk_write(operations, ordered=False)
-    except BulkWriteError as error:  # two writers creating a mark at once, as in set_in_slots
-        _raise_unless_duplicates(error)
-        raise TransientFailure("MongoDB: a concurrent writer created a mark; again") from error
+    await _upsert(marks, operations, "mark")
+
+
+async def _upsert(collection: Collection, operations: list[UpdateOne], what: str) -> None:
+    """Unordered bulk upserts, ``UPSERTS_PER_CALL`` at a time."""
+    for first in range(0, len(operations), UPSERTS_PER_CALL):
+        try:
+            await collection.bulk_write(operations[first : first + UPSERTS_PER_CALL], ordered=False)
+        except BulkWriteError as error:
+            # Two writers upserting a new document at once: one may get a duplicate key,
+            # and MongoDB retries such an upsert itself only sometimes. Writing again is safe.
+            _raise_unless_duplicates(error)
+            raise TransientFailure(
+                f"MongoDB: a concurrent writer created a {what}; again"
+            ) from error
 
 
 async def store_readings(readings_collection: Collection, readings: Sequence[Reading]) -> set[str]:
